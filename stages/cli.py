@@ -1,0 +1,173 @@
+"""`finetune`: one subcommand per pipeline stage (dvc.yaml calls these), plus `lineage`.
+
+The only module that knows Typer. Stage modules are imported inside each command, so
+`finetune validate` starts without loading torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, format, tokenize, "
+                       "import-base, train, evaluate, merge; audit with `lineage`.")
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
+
+
+def _params(path: Path):
+    from stages.params import load_params
+
+    return load_params(path)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@app.command()
+def validate(
+    input: Path = typer.Option(..., help="raw JSONL"),
+    output: Path = typer.Option(..., help="clean rows (JSONL)"),
+    rejects: Path = typer.Option(..., help="rejected lines with reasons (JSONL)"),
+    report: Optional[Path] = typer.Option(None, help="counts per reason (JSON)"),
+    params: Path = PARAMS,
+) -> None:
+    """Check, normalise and de-duplicate raw rows; every line ends in clean or rejects."""
+    from stages import validate as stage
+
+    p = _params(params)
+    stage.run(input, output, rejects, report, p.data, p.validate)
+
+
+@app.command("format")
+def format_(
+    input: Path = typer.Option(..., help="clean rows"),
+    output: Path = typer.Option(..., help="prompt/completion rows"),
+    base: Optional[Path] = typer.Option(None, help="base model dir (its chat template, for template.name=chat)"),
+    params: Path = PARAMS,
+) -> None:
+    """Render clean rows to prompt/completion pairs with the template from params."""
+    from stages import format as stage
+
+    n = stage.run(input, output, _params(params).template, base)
+    typer.echo(f"format {input}: {n} rows -> {output}", err=True)
+
+
+@app.command()
+def tokenize(
+    input: Path = typer.Option(..., help="prompt/completion rows"),
+    output: Path = typer.Option(..., help="tokenized dataset directory"),
+    base: Path = typer.Option(Path("models/base"), help="base model dir (tokenizer.json, base.json)"),
+    report: Optional[Path] = typer.Option(None, help="length distribution and counts (JSON)"),
+    rejects: Optional[Path] = typer.Option(None, help="rows dropped, with reasons (JSONL)"),
+    params: Path = PARAMS,
+) -> None:
+    """Tokenize with the base tokenizer; mask the prompt; apply the over-length policy."""
+    from stages import tokenize as stage
+
+    s = stage.run(input, output, base, report, rejects, _params(params).tokenize)
+    typer.echo(f"tokenize {input}: {s['rows_out']}/{s['rows_in']} rows, {s['tokens_trained']} trained tokens, "
+               f"p50/p99/max length {s['length_p50']:.0f}/{s['length_p99']:.0f}/{s['length_max']}", err=True)
+
+
+@app.command("import-base")
+def import_base(
+    output: Path = typer.Option(Path("models/base"), help="where the base model goes"),
+    params: Path = PARAMS,
+) -> None:
+    """Resolve model.source to a pinned local base model with a content hash."""
+    from stages import import_base as stage
+
+    meta = stage.run(output, _params(params).model)
+    typer.echo(f"import-base {meta['source']}: {meta['parameters']:,} parameters, sha256 {meta['sha256'][:12]}",
+               err=True)
+
+
+@app.command()
+def train(
+    train_data: Path = typer.Option(Path("data/tokenized/train"), "--train", help="tokenized train split"),
+    eval_data: Optional[Path] = typer.Option(None, "--eval", help="tokenized eval split (eval every N steps)"),
+    base: Path = typer.Option(Path("models/base")),
+    output: Path = typer.Option(Path("models/adapter"), help="LoRA adapter (PEFT format)"),
+    metrics: Path = typer.Option(Path("metrics/train.json")),
+    plots: Path = typer.Option(Path("plots/train"), help="per-step loss / learning-rate curves"),
+    checkpoints: Path = typer.Option(Path("checkpoints/train"), help="resumable checkpoints (outside DVC)"),
+    lineage_data: List[Path] = typer.Option([], "--lineage-data", help="raw data files recorded in lineage"),
+    params: Path = PARAMS,
+) -> None:
+    """QLoRA/LoRA fine-tune; several GPUs go through `accelerate launch` with an FSDP config."""
+    from stages import train as stage
+
+    stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params)
+
+
+@app.command()
+def evaluate(
+    adapter: Path = typer.Option(Path("models/adapter")),
+    base: Path = typer.Option(Path("models/base")),
+    tokenized: Path = typer.Option(Path("data/tokenized/eval"), help="tokenized eval split (loss)"),
+    prompts: Path = typer.Option(Path("data/prompts/eval.jsonl"), help="eval prompts (generation)"),
+    metrics: Path = typer.Option(Path("metrics/eval.json")),
+    samples: Path = typer.Option(Path("reports/eval_samples.jsonl")),
+    params: Path = PARAMS,
+) -> None:
+    """Loss, perplexity and generation metrics for the base and the tuned model, side by side."""
+    from stages import evaluate as stage
+
+    stage.run(adapter, base, tokenized, prompts, metrics, samples, _params(params))
+
+
+@app.command()
+def merge(
+    adapter: Path = typer.Option(Path("models/adapter")),
+    base: Path = typer.Option(Path("models/base")),
+    output: Path = typer.Option(Path("models/merged")),
+    prompts: Path = typer.Option(Path("data/prompts/eval.jsonl"), help="prompts for the parity check"),
+    params: Path = PARAMS,
+) -> None:
+    """Merge the adapter into the 16-bit base; check logits parity; write a model card."""
+    from stages import merge as stage
+
+    stage.run(adapter, base, output, prompts, _params(params))
+
+
+@app.command()
+def lineage(
+    model_dir: Path = typer.Argument(..., help="models/adapter or models/merged"),
+    verify: bool = typer.Option(False, "--verify", help="check data, base and dvc.lock on disk; exit 1 on mismatch"),
+    lock: Path = typer.Option(Path("dvc.lock"), help="dvc.lock to compare against"),
+) -> None:
+    """Which base, data, rows, params and commit produced this model."""
+    from stages import lineage as lin
+
+    record = lin.read(model_dir)
+    typer.echo(lin.describe(record))
+    if verify:
+        problems = lin.verify(record, lock)
+        for p in problems:
+            typer.echo(f"MISMATCH {p}", err=True)
+        if problems:
+            raise typer.Exit(1)
+        typer.echo("verified: data, base and dvc.lock match this model's lineage")
+
+
+def main() -> None:
+    from stages.errors import StageError
+    from stages.params import ParamsError
+
+    try:
+        app()
+    except (StageError, ParamsError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

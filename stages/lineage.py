@@ -1,0 +1,147 @@
+"""Lineage: which base, data, rows, params and code produced a model (DESIGN.md, "Lineage").
+
+`lineage.json` sits beside the adapter (written by train) and the merged model (copied by merge):
+  base        source, revision, sha256 of the weights, parameter count
+  data        each raw data file with its md5 (the value dvc.lock records for it)
+  rows        how many rows were trained on and the sha256 of their ids, in order
+  params      the full params used
+  git         the commit (and whether the tree had uncommitted changes)
+  dvc_experiment, versions of the libraries, created (UTC)
+`finetune lineage DIR --verify` recomputes the data and base hashes on disk and compares them, and the
+data hashes to dvc.lock; any mismatch is named and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib.metadata
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import orjson
+
+from stages.errors import StageError
+from stages.jsonl import file_md5
+from stages.params import Params, as_dict
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "dvc", "finetune")
+
+
+def ids_hash(ids: list[str]) -> str:
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    commit = git("rev-parse", "HEAD")
+    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def build(params: Params, base_meta: dict, data_files: list[Path], ids: list[str]) -> dict:
+    return {
+        "base": {k: base_meta.get(k) for k in ("source", "revision", "sha256", "parameters")},
+        "data": [{"path": str(p), "md5": file_md5(p)} for p in data_files],
+        "rows": {"count": len(ids), "ids_sha256": ids_hash(ids)},
+        "params": as_dict(params),
+        "git": git_state(),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
+        "versions": versions(),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def read(model_dir: Path) -> dict:
+    path = model_dir / "lineage.json"
+    if not path.exists():
+        raise StageError(f"{path}: no lineage record (models/adapter and models/merged carry one; "
+                         "was this directory made by `finetune train`/`merge`?)")
+    return orjson.loads(path.read_bytes())
+
+
+def describe(record: dict) -> str:
+    b, r, g = record["base"], record["rows"], record["git"]
+    lines = [
+        f"base      {b['source']}" + (f" @ {b['revision']}" if b.get("revision") else "")
+        + f"  sha256 {b['sha256'][:16]}  {b['parameters']:,} parameters",
+        *[f"data      {d['path']}  md5 {d['md5']}" for d in record["data"]],
+        f"rows      {r['count']} trained rows, ids sha256 {r['ids_sha256'][:16]}",
+        f"code      commit {g['commit'] or '(not a git repo)'}" + ("  (uncommitted changes)" if g["dirty"] else ""),
+        f"exp       {record.get('dvc_experiment') or '(plain dvc repro / direct run)'}",
+        f"created   {record['created']}",
+        "params    " + ", ".join(f"{k}={v}" for k, v in flat(record["params"]).items()
+                                 if k.split(".")[0] in ("seed", "lora", "train") or k == "model.source"),
+        "versions  " + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
+    ]
+    if "merge" in record:
+        lines.append(f"merge     into {record['merge']['into']}, parity max |dlogit| "
+                     f"{record['merge']['parity_max_abs_diff']:.3g}")
+    return "\n".join(lines)
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def lock_md5s(lock: Path) -> dict[str, str]:
+    """path -> md5 for every dependency and output recorded in dvc.lock."""
+    from ruamel.yaml import YAML
+
+    data = YAML(typ="safe", pure=True).load(lock.read_text()) or {}
+    out = {}
+    for stage in (data.get("stages") or {}).values():
+        for entry in (stage.get("deps") or []) + (stage.get("outs") or []):
+            if "md5" in entry:
+                out[entry["path"]] = entry["md5"]
+    return out
+
+
+def verify(record: dict, lock: Path, base_dir: Path = Path("models/base")) -> list[str]:
+    problems = []
+    locked = lock_md5s(lock) if lock.exists() else {}
+    for d in record["data"]:
+        path = Path(d["path"])
+        if not path.exists():
+            problems.append(f"{path}: missing (trained on md5 {d['md5']})")
+            continue
+        now = file_md5(path)
+        if now != d["md5"]:
+            problems.append(f"{path}: md5 {now} on disk, the model was trained on md5 {d['md5']}")
+        if d["path"] in locked and locked[d["path"]] != d["md5"]:
+            problems.append(f"{lock}: records md5 {locked[d['path']]} for {path}, the model was trained on {d['md5']}")
+    meta_path = base_dir / "base.json"
+    if not meta_path.exists():
+        problems.append(f"{meta_path}: missing (base {record['base']['source']} not imported here)")
+    else:
+        meta = orjson.loads(meta_path.read_bytes())
+        if meta.get("weights") != "hub":
+            from stages.import_base import weights_hash
+
+            meta["sha256"], _ = weights_hash(sorted(base_dir.glob("*.safetensors")))
+        if meta["sha256"] != record["base"]["sha256"]:
+            problems.append(f"{base_dir}: weights sha256 {meta['sha256'][:16]} on disk, the model was trained on "
+                            f"{record['base']['sha256'][:16]}")
+    return problems

@@ -1,0 +1,127 @@
+"""merge: fold the LoRA adapter into the 16-bit base and save a plain transformers model.
+
+    finetune merge --adapter models/adapter --base models/base --output models/merged \
+        --prompts data/prompts/eval.jsonl
+    (dvc.yaml stage `merge`; params: model, merge)
+
+`merge.into`:
+  base         the 16-bit base weights (the usual choice; what users load)
+  dequantized  the NF4 weights the adapter trained against, dequantised (closest to the trained model)
+The merge runs in float32 and the result is saved in `merge.dtype` (auto = the base's storage dtype).
+Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval prompts are compared
+with the unmerged reference (the same base + adapter); the max |difference| and top-1 agreement are
+written to parity.json and the stage fails past `merge.parity_tolerance`. The output folder is replaced
+atomically, so running the stage twice is harmless. A model card README.md carries the lineage.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from stages import lineage
+from stages.errors import StageError
+from stages.jsonl import atomic_path, read_jsonl, write_json
+from stages.params import Params
+
+log = logging.getLogger("finetune")
+
+
+@torch.no_grad()
+def logits_for(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    out = []
+    for p in prompts:
+        ids = tokenizer(p, return_tensors="pt").input_ids
+        out.append(model(input_ids=ids).logits[0].float())
+    return torch.cat(out)
+
+
+def base_for_merge(base: Path, params: Params):
+    from stages.modeling import load_base_model
+
+    if params.merge.into == "base":
+        return load_base_model(base, params.model, quantize=False, dtype=torch.float32).cpu()
+    model = load_base_model(base, params.model, quantize=True, dtype=torch.float32)
+    return model.dequantize().to(torch.float32).cpu()
+
+
+def model_card(record: dict, parity: dict) -> str:
+    b = record["base"]
+    data = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in record["data"])
+    return f"""---
+base_model: {b['source']}
+library_name: transformers
+tags: [finetune, lora, qlora, dvc]
+---
+# Fine-tuned {b['source']}
+
+LoRA adapter merged into the base ({record['merge']['into']}) by the `finetune` DVC pipeline.
+
+| what | value |
+|---|---|
+| base | `{b['source']}` sha256 `{b['sha256'][:16]}` ({b['parameters']:,} parameters) |
+| trained rows | {record['rows']['count']} (ids sha256 `{record['rows']['ids_sha256'][:16]}`) |
+| code | commit `{record['git']['commit']}`{' (uncommitted changes)' if record['git']['dirty'] else ''} |
+| experiment | {record.get('dvc_experiment') or '-'} |
+| parity (max abs logit diff vs base+adapter) | {parity['max_abs_diff']:.4g} (top-1 agreement {parity['top1_agreement']:.2%}) |
+
+| data file | md5 |
+|---|---|
+{data}
+
+Load it with `AutoModelForCausalLM.from_pretrained(<this folder>)`; `finetune lineage <this folder> --verify`
+checks the data and base on disk against this record.
+"""
+
+
+def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Params) -> dict:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.modeling import DTYPES, load_tokenizer, read_base_json
+
+    if not (adapter / "adapter_config.json").exists():
+        raise StageError(f"{adapter}: no adapter_config.json (run `finetune train` or `dvc repro train`)")
+    m = params.merge
+    record = lineage.read(adapter)
+    tokenizer = load_tokenizer(base)
+    prompts = [r["prompt"] + r["completion"] for r in read_jsonl(prompts_path)][:m.parity_prompts]
+    if not prompts:
+        raise StageError(f"{prompts_path}: no prompts for the parity check")
+
+    peft_model = PeftModel.from_pretrained(base_for_merge(base, params), adapter).eval()
+    reference = logits_for(peft_model, tokenizer, prompts)
+    merged = peft_model.merge_and_unload()
+    storage = read_base_json(base).get("dtype") or str(merged.config.dtype or "bfloat16").replace("torch.", "")
+    dtype = DTYPES.get(storage, torch.bfloat16) if m.dtype == "auto" else DTYPES[m.dtype]
+    with atomic_path(output) as tmp:
+        merged.to(dtype).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del merged, peft_model
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        got = logits_for(reloaded, tokenizer, prompts)
+        parity = {
+            "max_abs_diff": float((got - reference).abs().max()),
+            "mean_abs_diff": float((got - reference).abs().mean()),
+            "top1_agreement": float((got.argmax(-1) == reference.argmax(-1)).float().mean()),
+            "prompts": len(prompts), "tokens": int(reference.shape[0]),
+            "saved_dtype": str(dtype).replace("torch.", ""), "tolerance": m.parity_tolerance,
+        }
+        record["merge"] = {"into": m.into, "parity_max_abs_diff": parity["max_abs_diff"],
+                           "saved_dtype": parity["saved_dtype"]}
+        write_json(tmp / "parity.json", parity)
+        write_json(tmp / "lineage.json", record)
+        (tmp / "README.md").write_text(model_card(record, parity))
+        log.info("merge: parity max |dlogit| %.4g, mean %.3g, top-1 agreement %.2f%% (%s)", parity["max_abs_diff"],
+                 parity["mean_abs_diff"], 100 * parity["top1_agreement"], parity["saved_dtype"])
+        if parity["max_abs_diff"] > m.parity_tolerance:
+            kept = output.with_name(output.name + ".failed")
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(tmp, kept)
+            raise StageError(f"{output}: merged logits differ from base+adapter by {parity['max_abs_diff']:.4g} > "
+                             f"merge.parity_tolerance={m.parity_tolerance}; the merged model is kept in {kept} "
+                             "for inspection (try merge.dtype=float32)")
+    return parity

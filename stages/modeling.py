@@ -1,0 +1,93 @@
+"""Loading the base model, shared by train, evaluate and merge (hardware policy from DESIGN.md).
+
+- CUDA: compute in bfloat16; `model.quantize: auto|4bit` loads NF4 + double quantisation with
+  `bnb_4bit_quant_storage=bfloat16`, so that FSDP can shard the quantised weights. Under several
+  processes (accelerate/FSDP) there is no `device_map`: accelerate places the shards.
+- CPU: compute in float32 (bf16 is ~10x slower on CPUs); `auto` means no quantisation there, and
+  `4bit` runs bitsandbytes' CPU kernels with float32 compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import orjson
+import torch
+
+from stages.errors import StageError
+from stages.params import ModelParams
+
+log = logging.getLogger("finetune")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def read_base_json(base: Path) -> dict:
+    path = base / "base.json"
+    if not path.exists():
+        raise StageError(f"{path}: missing; run `finetune import-base` (or `dvc repro import_base`) first")
+    return orjson.loads(path.read_bytes())
+
+
+def weights_location(base: Path) -> tuple[str, str | None]:
+    """Where the weights are: models/base itself, or a hub id at a pinned commit (not copied)."""
+    meta = read_base_json(base)
+    if meta.get("weights") == "hub":
+        return meta["source"], meta["revision"]
+    return str(base), None
+
+
+def compute_dtype(params: ModelParams) -> torch.dtype:
+    if params.dtype != "auto":
+        return DTYPES[params.dtype]
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def use_4bit(params: ModelParams) -> bool:
+    if params.quantize == "auto":
+        on = torch.cuda.is_available()
+        log.info("model.quantize=auto: %s", "4-bit NF4 (CUDA found)" if on else "no quantisation (no CUDA: CPU runs 16/32-bit)")
+        return on
+    return params.quantize == "4bit"
+
+
+def distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def load_tokenizer(base: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(base: Path, params: ModelParams, quantize: bool | None = None, dtype: torch.dtype | None = None):
+    """The base model for training or evaluation: 4-bit when `quantize`, else in `dtype`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    where, revision = weights_location(base)
+    quantize = use_4bit(params) if quantize is None else quantize
+    dtype = dtype or compute_dtype(params)
+    kwargs: dict = {"dtype": dtype, "revision": revision}
+    if params.attn_implementation != "auto":
+        kwargs["attn_implementation"] = params.attn_implementation
+    if quantize:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype,  # = the FSDP dtype, so the 4-bit weights shard
+        )
+    if torch.cuda.is_available() and not distributed():
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif quantize and not torch.cuda.is_available():
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    log.info("loaded %s (%s, %s%s)", where, model.config.model_type, dtype, ", 4-bit NF4" if quantize else "")
+    return model

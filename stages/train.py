@@ -1,0 +1,234 @@
+"""train: LoRA / QLoRA fine-tune of the base model on the tokenized train split.
+
+    finetune train --train data/tokenized/train --eval data/tokenized/eval --base models/base \
+        --output models/adapter --metrics metrics/train.json --plots plots/train \
+        --lineage-data data/raw/train.jsonl --lineage-data data/raw/eval.jsonl
+    (dvc.yaml stage `train`; params: seed, model, lora, train, wandb)
+
+- Hardware (stages/modeling.py): 4-bit NF4 + double quant + bf16 compute on CUDA, float32 on CPU.
+  With several GPUs and no launcher around it, the command re-runs itself under
+  `accelerate launch --config_file configs/fsdp.yaml` (FSDP2 shards the 4-bit weights); rank 0 alone
+  writes the adapter, metrics, plots and lineage.
+- Batches: `train.packing` concatenates the rows of a micro-batch into one padding-free sequence
+  (position_ids restart per row, so attention stays within a row); otherwise rows pad to the longest.
+- Resumable: checkpoints go to checkpoints/train/<fingerprint of data+params+base>/ (outside DVC, which
+  would delete its outputs before a re-run). A killed run restarted with the same data and params
+  resumes from the last checkpoint; the folder is removed once the adapter is written.
+- Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); W&B in `wandb.mode`
+  (offline by default), the run named after the DVC experiment and carrying the lineage.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import torch
+from transformers import TrainerCallback
+
+from stages import lineage
+from stages.errors import StageError
+from stages.jsonl import atomic_path, file_md5, write_json
+from stages.params import Params, as_dict, load_params
+
+log = logging.getLogger("finetune")
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def fingerprint(params: Params, train_data: Path, base_meta: dict) -> str:
+    """Identifies a training run: same data, params and base -> same checkpoints folder."""
+    h = hashlib.sha256()
+    relevant = {k: v for k, v in as_dict(params).items() if k in ("seed", "model", "lora", "train")}
+    h.update(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS))
+    h.update(base_meta["sha256"].encode())
+    for f in sorted(train_data.glob("*.arrow")):
+        h.update(file_md5(f).encode())
+    return h.hexdigest()[:16]
+
+
+def relaunch_under_accelerate(config: str) -> bool:
+    """Several GPUs and not yet under a launcher: re-run this command with `accelerate launch`."""
+    n_gpus = torch.cuda.device_count()
+    if n_gpus < 2 or "LOCAL_RANK" in os.environ or config == "none":
+        return False
+    config_file = CONFIGS / "fsdp.yaml" if config == "auto" else Path(config)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
+           "--num_processes", str(n_gpus), "-m", "stages.cli", *sys.argv[1:]]
+    log.info("%d GPUs: %s", n_gpus, " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return True
+
+
+class ThroughputLog(TrainerCallback):
+    """Adds tokens/s to every log line, and measures the run's own throughput (resumed runs too)."""
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.start = self.t0 = time.perf_counter()
+        self.start_tokens = self.tokens0 = state.num_input_tokens_seen
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs is None or "loss" not in logs:
+            return
+        now, seen = time.perf_counter(), state.num_input_tokens_seen
+        logs["tokens_per_s"] = round((seen - self.tokens0) / max(now - self.t0, 1e-9), 1)
+        self.t0, self.tokens0 = now, seen
+
+    def overall(self, state) -> float:
+        return (state.num_input_tokens_seen - self.start_tokens) / max(time.perf_counter() - self.start, 1e-9)
+
+
+def write_plots(history: list[dict], plots: Path) -> None:
+    """Per-step curves for `dvc plots show`: loss.csv (train) and eval_loss.csv."""
+    rows = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval_loss" in h]
+    with atomic_path(plots) as tmp:
+        tmp.mkdir()
+        for name, data, cols in (("loss.csv", rows, ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s")),
+                                 ("eval_loss.csv", evals, ("step", "eval_loss"))):
+            with open(tmp / name, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(cols)
+                for h in data:
+                    w.writerow([h.get(c, "") for c in cols])
+
+
+def setup_wandb(params: Params, record: dict) -> list[str]:
+    if params.wandb.mode == "disabled":
+        return []
+    import wandb
+
+    os.environ["WANDB_MODE"] = params.wandb.mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    wandb.init(project=params.wandb.project, entity=params.wandb.entity, mode=params.wandb.mode,
+               name=record.get("dvc_experiment") or None, config={"params": record["params"], "lineage": record},
+               job_type="train")
+    return ["wandb"]
+
+
+def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
+        checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
+    import datasets
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from stages.modeling import load_base_model, load_tokenizer, read_base_json, use_4bit
+
+    if not train_data.exists():
+        raise StageError(f"{train_data}: no tokenized train split (run `finetune tokenize` or `dvc repro`)")
+    t, seed = params.train, params.seed
+    base_meta = read_base_json(base)
+    train_ds = datasets.load_from_disk(str(train_data))
+    eval_ds = datasets.load_from_disk(str(eval_data)) if eval_data and t.eval_steps > 0 else None
+    ids = train_ds["id"]
+    keep = ["input_ids", "labels"]
+    train_ds = train_ds.select_columns(keep)
+    eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
+
+    quantized = use_4bit(params.model)
+    tokenizer = load_tokenizer(base)
+    model = load_base_model(base, params.model, quantize=quantized)
+    model.config.use_cache = False
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    target = params.lora.target_modules
+    model = get_peft_model(model, LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", params.lora.r, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+
+    record = lineage.build(params, base_meta, lineage_data, ids)
+    run_dir = checkpoints / fingerprint(params, train_data, base_meta)
+    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    if resume:
+        log.info("resuming from %s (same data, params and base as the interrupted run)", resume)
+    on_cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(run_dir),
+        seed=seed, data_seed=seed,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, optim=t.optimizer, max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps, num_train_epochs=t.epochs,
+        logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if eval_ds is not None else "no", eval_steps=t.eval_steps or None,
+        bf16=on_cuda and params.model.dtype in ("auto", "bfloat16"),
+        use_cpu=not on_cuda,
+        report_to=setup_wandb(params, record) if _is_main() else [],
+        run_name=record.get("dvc_experiment"),
+        include_num_input_tokens_seen="all" if t.packing else "non_padding",
+        remove_unused_columns=False,
+        dataloader_pin_memory=on_cuda,
+        save_only_model=False,
+    )
+    if t.packing:
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=collator, callbacks=[throughput := ThroughputLog()])
+    result = trainer.train(resume_from_checkpoint=resume)
+    tokens_per_s = throughput.overall(trainer.state)
+    with atomic_path(output) as tmp:
+        trainer.save_model(str(tmp))  # every rank takes part (FSDP gathers); rank 0 writes
+        if _is_main():
+            write_json(tmp / "lineage.json", record)
+    if not _is_main():
+        return {}
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    summary = {
+        "train_loss": round(result.training_loss, 6),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
+        "trainable_parameters": trainable,
+        "quantized_4bit": quantized,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    if evals:
+        summary["eval_loss_last"] = evals[-1]
+    write_json(metrics, summary)
+    write_plots(history, plots)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    _finish_wandb(params)
+    log.info("train: %d steps, loss %s -> %s, adapter in %s", summary["steps"], summary["first_loss"],
+             summary["final_loss"], output)
+    return summary
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _finish_wandb(params: Params) -> None:
+    if params.wandb.mode != "disabled":
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
+    params = load_params(params_path)
+    if relaunch_under_accelerate(params.train.accelerate_config):
+        return
+    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params)
