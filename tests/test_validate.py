@@ -1,0 +1,144 @@
+import json
+from pathlib import Path
+
+import orjson
+import pytest
+
+from stages import validate
+from stages.errors import StageError
+from stages.params import DataParams, ValidateParams
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOSE = ValidateParams(max_reject_fraction=1.0, max_chars=1000)
+
+
+def run_lines(tmp_path, data: bytes, data_params=DataParams(), limits=LOOSE):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_bytes(data)
+    out, rej, rep = tmp_path / "clean.jsonl", tmp_path / "rejects.jsonl", tmp_path / "report.json"
+    summary = validate.run(raw, out, rej, rep, data_params, limits)
+    clean = [orjson.loads(x) for x in out.read_bytes().splitlines()]
+    rejects = [orjson.loads(x) for x in rej.read_bytes().splitlines()]
+    assert json.loads(rep.read_text()) == summary
+    return clean, rejects, summary
+
+
+HOSTILE = [
+    b'{"input": "How do I reset it?", "output": "Hold the rear button 10 s."}',  # 1 ok
+    b'{"input": "broken", "output": "x"',                                      # 2 invalid_json
+    b'{"input": 3, "output": "x"}',                                              # 3 schema (wrong type)
+    b'{"input": NaN, "output": "x"}',                                            # 4 invalid_json (NaN)
+    b'{"input": {"nested": "obj"}, "output": "x"}',                              # 5 schema (nested object)
+    b'{"input": "", "output": "x"}',                                             # 6 empty_field
+    b'{"input": "   \\t ", "output": "x"}',                                      # 7 empty_field (whitespace)
+    b'',                                                                          # 8 blank
+    b'{"input": "How do I reset it?", "output": "Hold the rear button 10 s."}',  # 9 duplicate
+    b'{"input": "Caf\xc3\xa9 \xff\xfe", "output": "x"}',                        # 10 bad_encoding
+    b'["a", "b"]',                                                                # 11 not_an_object
+    b'   ',                                                                       # 12 blank
+    b'{"input": "' + b"x" * 2_000_000 + b'", "output": "y"}',                   # 13 too_long (2 MB row)
+    b'{"input": "  How do I reset it?  ", "output": "Hold the rear button 10 s.\\u0000"}',  # 14 duplicate
+    b'{"input": "Zo\xc3\xab \xe2\x80\x94 \xe6\x97\xa5\xe6\x9c\xac? \\ud83d\\ude00", "output": "Line1\\nLine2\\tTab"}',  # 15 ok
+    b'{"output": "no input"}',                                                    # 16 schema (missing)
+    b'null',                                                                      # 17 not_an_object
+    b'{"input": "last row, no final newline", "output": "kept", "extra": [1, 2]}',  # 18 ok
+]
+EXPECTED = {2: "invalid_json", 3: "schema", 4: "invalid_json", 5: "schema", 6: "empty_field", 7: "empty_field",
+            9: "duplicate", 10: "bad_encoding", 11: "not_an_object", 13: "too_long", 14: "duplicate",
+            16: "schema", 17: "not_an_object"}
+
+
+def test_hostile_file_every_line_accounted_for(tmp_path):
+    data = b"\xef\xbb\xbf" + b"\r\n".join(HOSTILE)  # BOM, CRLF endings, no final newline
+    clean, rejects, s = run_lines(tmp_path, data)
+    assert s["lines"] == len(HOSTILE) == 18
+    assert s["kept"] + s["rejected"] + s["blank"] == s["lines"]
+    assert s["blank"] == 2 and s["kept"] == 3
+    assert {r["line"]: r["reason"] for r in rejects} == EXPECTED
+    assert all(r["detail"] and isinstance(r["raw"], str) for r in rejects)
+    # raw keeps the original line; an undecodable one comes back with replacement characters
+    by_line = {r["line"]: r for r in rejects}
+    assert by_line[2]["raw"] == '{"input": "broken", "output": "x"'
+    assert "\ufffd" in by_line[10]["raw"] and "Café" in by_line[10]["raw"]
+    assert len(by_line[13]["raw"]) > 2_000_000
+    # valid rows come out with their text intact (unicode, newlines and tabs kept)
+    texts = [(c["messages"][0]["content"], c["messages"][1]["content"]) for c in clean]
+    assert texts == [("How do I reset it?", "Hold the rear button 10 s."),
+                     ("Zoë — 日本? 😀", "Line1\nLine2\tTab"),
+                     ("last row, no final newline", "kept")]
+
+
+def test_normalisation_nfc_trim_and_control_characters():
+    assert validate.normalise("  e\u0301\x00\x07\r\n ok\t ") == "é\n ok"
+
+
+def test_ids_are_stable_content_hashes(tmp_path):
+    clean1, _, _ = run_lines(tmp_path, b'{"input": "a", "output": "b"}\n')
+    clean2, _, _ = run_lines(tmp_path, b'{"output": " b", "input": "a ", "x": 1}\n')
+    assert clean1[0]["id"] == clean2[0]["id"] and len(clean1[0]["id"]) == 16
+
+
+def test_alpaca_chat_and_field_map_shapes(tmp_path):
+    data = b"\n".join([
+        b'{"instruction": "Summarise", "input": "long text", "output": "short"}',
+        b'{"instruction": "Say hi", "output": "hi"}',
+        b'{"messages": [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "q1"},'
+        b' {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},'
+        b' {"role": "assistant", "content": "a2"}]}',
+        b'{"messages": [{"role": "user", "content": "only a question"}, {"role": "user", "content": "again"}]}',
+        b'{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}',
+    ])
+    clean, rejects, _ = run_lines(tmp_path, data)
+    assert clean[0]["messages"][0]["content"] == "Summarise\n\nlong text"
+    assert clean[1]["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    assert [m["role"] for m in clean[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "schema"), (5, "schema")]
+    assert "messages" in rejects[0]["detail"] and "robot" in rejects[1]["detail"]
+
+    mapped, _, _ = run_lines(tmp_path, b'{"question": "q", "answer": "a"}\n',
+                             DataParams(field_map={"question": "input", "answer": "output"}))
+    assert mapped[0]["messages"][1]["content"] == "a"
+
+
+def test_too_many_rejects_fails_after_writing_both_files(tmp_path):
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text('{"input": "a", "output": "b"}\n{bad\n{bad2\n')
+    out, rej = tmp_path / "clean.jsonl", tmp_path / "rej.jsonl"
+    with pytest.raises(StageError, match=r"max_reject_fraction=0\.5.*rej\.jsonl"):
+        validate.run(raw, out, rej, None, DataParams(), ValidateParams(max_reject_fraction=0.5))
+    assert len(out.read_text().splitlines()) == 1 and len(rej.read_text().splitlines()) == 2
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(StageError, match="nope.jsonl: no such file"):
+        validate.run(tmp_path / "nope.jsonl", tmp_path / "o", tmp_path / "r", None, DataParams(), LOOSE)
+
+
+def test_failure_mid_stage_leaves_previous_outputs_untouched(tmp_path, monkeypatch):
+    raw, out, rej = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl", tmp_path / "rej.jsonl"
+    raw.write_text('{"input": "a", "output": "b"}\n{"input": "c", "output": "d"}\n')
+    out.write_text("previous clean\n")
+    rej.write_text("previous rejects\n")
+    real = validate.check_row
+    calls = {"n": 0}
+
+    def explode(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(validate, "check_row", explode)
+    with pytest.raises(RuntimeError):
+        validate.run(raw, out, rej, None, DataParams(), LOOSE)
+    assert out.read_text() == "previous clean\n" and rej.read_text() == "previous rejects\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "raw.jsonl", "rej.jsonl"]
+
+
+def test_shipped_sample_data_has_a_few_rejects_and_clean_eval(tmp_path):
+    _, rejects, s = run_lines(tmp_path, (ROOT / "data/raw/train.jsonl").read_bytes(),
+                              limits=ValidateParams())
+    assert 0 < s["rejected"] <= 10 and s["kept"] >= 300
+    assert {r["reason"] for r in rejects} >= {"invalid_json", "not_an_object", "schema", "empty_field", "duplicate"}
+    _, rejects, s = run_lines(tmp_path, (ROOT / "data/raw/eval.jsonl").read_bytes(), limits=ValidateParams())
+    assert s["rejected"] == 0 and s["kept"] >= 40
