@@ -54,6 +54,20 @@ def fingerprint(params: Params, train_data: Path, base_meta: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def last_complete_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint that was fully written. The Trainer writes trainer_state.json last, so a
+    run killed while saving leaves a folder without it (or with it cut short), which is skipped."""
+    steps = sorted((int(p.name.rsplit("-", 1)[1]), p) for p in run_dir.glob("checkpoint-*")
+                   if p.name.rsplit("-", 1)[1].isdigit())
+    for _, path in reversed(steps):
+        try:
+            orjson.loads((path / "trainer_state.json").read_bytes())
+            return str(path)
+        except (OSError, orjson.JSONDecodeError):
+            log.info("skipping incomplete checkpoint %s", path)
+    return None
+
+
 def relaunch_under_accelerate(config: str) -> bool:
     """Several GPUs and not yet under a launcher: re-run this command with `accelerate launch`."""
     n_gpus = torch.cuda.device_count()
@@ -118,7 +132,6 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     import datasets
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
-    from transformers.trainer_utils import get_last_checkpoint
 
     from stages.modeling import load_base_model, load_tokenizer, read_base_json, use_4bit
 
@@ -150,7 +163,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
 
     record = lineage.build(params, base_meta, lineage_data, ids)
     run_dir = checkpoints / fingerprint(params, train_data, base_meta)
-    resume = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    resume = last_complete_checkpoint(run_dir)
     if resume:
         log.info("resuming from %s (same data, params and base as the interrupted run)", resume)
     on_cuda = torch.cuda.is_available()

@@ -54,3 +54,8 @@ def test_params_are_frozen():
     p = parse_params({})
     with pytest.raises(Exception):
         p.train.max_steps = 3  # type: ignore[misc]
+
+
+def test_shipped_gpu_params_file_fits_the_schema():
+    p = load_params(ROOT / "configs/params-mistral7b-gpu.yaml")
+    assert p.model.source == "mistralai/Mistral-7B-v0.1" and p.lora.r == 32 and "lm_head" in p.lora.target_modules

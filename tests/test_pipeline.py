@@ -34,10 +34,17 @@ def project(tmp_path_factory, tiny_model_dir):
     set_params(root, model__source=str(tiny_model_dir), train__max_steps=6, train__batch_size=4,
                train__save_steps=3, train__eval_steps=3, evaluate__max_generate_rows=4, evaluate__max_new_tokens=8,
                evaluate__batch_size=4)
-    sh("git init -q && git add -A && git -c user.name=t -c user.email=t@t commit -qm init", root)
+    sh("git init -q && git config user.name finetune-tests && git config user.email tests@finetune.invalid"
+       " && git add -A && git commit -qm init", root)
     proc = sh("dvc repro", root)
     assert "import_base" in STAGES_RUN.findall(proc.stdout)
+    sh("git add -A && git commit -qm 'baseline run'", root)
     return root
+
+
+def restore(root: Path) -> None:
+    """Back to the committed baseline: params, lock and metrics from git, outputs from the DVC cache."""
+    sh("git checkout -q -- . && dvc checkout -q --force", root)
 
 
 def test_repro_builds_every_output_and_is_a_noop_the_second_time(project):
@@ -102,8 +109,7 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
         assert ran == ["validate@train", "format@train", "tokenize@train", "train", "evaluate", "merge"]
         sh("finetune lineage models/merged --verify", project)
     finally:
-        raw.write_text(original)
-        sh("dvc repro", project)
+        restore(project)
 
 
 def test_exp_run_4bit_on_cpu_and_exp_show(project):
@@ -117,6 +123,7 @@ def test_exp_run_4bit_on_cpu_and_exp_show(project):
     text = json.dumps(show)
     assert "qlora-cpu" in text and "tuned_loss" in text and "rejected_duplicate" in text
     assert list((project / "wandb").glob("offline-run-*")), "W&B offline run directory"
+    restore(project)
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(project):
@@ -128,7 +135,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(project):
     try:
         first = subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
-        while not list((project / "checkpoints/train").glob("*/checkpoint-*")):
+        while not list((project / "checkpoints/train").glob("*/checkpoint-*/trainer_state.json")):
             assert first.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
@@ -141,4 +148,86 @@ def test_killed_training_resumes_from_its_last_checkpoint(project):
         assert m["steps"] == 300 and m["resumed_from_step"] >= 5
         assert not list((project / "checkpoints/train").glob("*")), "checkpoints are removed after success"
     finally:
-        sh("git checkout params.yaml", project)
+        restore(project)
+
+
+def test_an_incomplete_checkpoint_is_skipped(tmp_path):
+    from stages.train import last_complete_checkpoint
+
+    for step, complete in ((5, True), (10, True), (15, False)):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        if complete:
+            (ckpt / "trainer_state.json").write_text('{"global_step": %d}' % step)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-10" / "trainer_state.json").write_text('{"global_st')  # killed mid-write
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def tree_digest(path: Path) -> dict:
+    """relative path -> md5 of every file under `path` (byte-identity of a model folder)."""
+    import hashlib
+
+    return {str(f.relative_to(path)): hashlib.md5(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def test_push_then_fresh_clone_pull_gives_byte_identical_models(project, tmp_path):
+    remote = tmp_path / "remote"
+    sh(f"dvc remote add -d localremote {remote} && git add .dvc/config && git commit -qm 'add remote'", project)
+    sh("dvc push", project)
+    clone = tmp_path / "clone"
+    sh(f"git clone -q {project} {clone}", tmp_path)
+    sh("dvc pull", clone)
+    for d in ("models/adapter", "models/merged", "models/base"):
+        assert tree_digest(clone / d) == tree_digest(project / d), d
+    assert "up to date" in sh("dvc status", clone).stdout
+    sh("finetune lineage models/merged --verify", clone)
+
+
+def test_checkout_of_an_older_commit_restores_its_adapter(project, tmp_path):
+    a_commit = sh("git rev-parse HEAD", project).stdout.strip()
+    a_adapter = tree_digest(project / "models/adapter")
+    raw = project / "data/raw/train.jsonl"
+    raw.write_text(raw.read_text() + '{"input": "Is the hub waterproof?", "output": "No, keep it indoors and dry."}\n')
+    sh("dvc repro && git add -A && git commit -qm 'B: one more row' && dvc push", project)
+    assert tree_digest(project / "models/adapter") != a_adapter
+    try:
+        sh(f"git checkout -q {a_commit} && dvc checkout -q", project)
+        assert tree_digest(project / "models/adapter") == a_adapter
+        # the same from the remote alone, in a fresh clone with an empty cache
+        clone = tmp_path / "clone-a"
+        sh(f"git clone -q {project} {clone} && cd {clone} && git checkout -q {a_commit} && dvc pull -q", tmp_path)
+        assert tree_digest(clone / "models/adapter") == a_adapter
+    finally:
+        sh("git checkout -q - && dvc checkout -q --force", project)
+
+
+def test_queued_sweep_then_apply_the_best(project):
+    sh("dvc exp run --queue -S 'train.learning_rate=0.0001,0.003'", project)
+    sh("dvc queue start -j 1", project)
+    deadline = time.time() + 600
+    while True:
+        status = sh("dvc queue status", project).stdout
+        if not re.search(r"\b(Queued|Running)\b", status):
+            break
+        assert time.time() < deadline, status
+        time.sleep(3)
+    assert "Failed" not in status, sh("dvc queue logs $(dvc queue status | awk '/Failed/{print $1; exit}')",
+                                      project, check=False).stdout
+    rows = json.loads(sh("dvc exp show --json", project).stdout)
+    exps = {}
+    for commit in rows:
+        for exp in commit.get("experiments") or []:
+            run = exp["revs"][0]
+            data = run["data"]
+            lr = data["params"]["params.yaml"]["data"]["train"]["learning_rate"]
+            exps[run["name"]] = (data["metrics"]["metrics/eval.json"]["data"]["tuned_loss"], lr)
+    assert sorted(lr for _, lr in exps.values()) == [0.0001, 0.003]
+    best = min(exps, key=lambda name: exps[name][0])
+    sh(f"dvc exp apply {best}", project)
+    params = YAML(typ="safe").load((project / "params.yaml").read_text())
+    assert params["train"]["learning_rate"] == exps[best][1]
+    assert json.loads((project / "metrics/eval.json").read_text())["tuned_loss"] == exps[best][0]
+    restore(project)
