@@ -82,11 +82,17 @@ def relaunch_under_accelerate(config: str) -> bool:
 
 
 class ThroughputLog(TrainerCallback):
-    """Adds tokens/s to every log line, and measures the run's own throughput (resumed runs too)."""
+    """Adds tokens/s to every log line, and times each optimizer step (CUDA synchronised) for the
+    steady-state figures in metrics/train.json."""
 
     def on_train_begin(self, args, state, control, **kw):
-        self.start = self.t0 = time.perf_counter()
-        self.start_tokens = self.tokens0 = state.num_input_tokens_seen
+        self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]  # then one per step end
+        self.t0, self.tokens0 = self.marks[0]
+
+    def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs is None or "loss" not in logs:
@@ -95,8 +101,22 @@ class ThroughputLog(TrainerCallback):
         logs["tokens_per_s"] = round((seen - self.tokens0) / max(now - self.t0, 1e-9), 1)
         self.t0, self.tokens0 = now, seen
 
-    def overall(self, state) -> float:
-        return (state.num_input_tokens_seen - self.start_tokens) / max(time.perf_counter() - self.start, 1e-9)
+    def summary(self) -> dict:
+        """Whole run, and steady state: without the first 10 steps (a quarter of a short run), which pay
+        for compilation, allocator growth and the first data loads."""
+        (t_first, n_first), (t_last, n_last) = self.marks[0], self.marks[-1]
+        steps = len(self.marks) - 1
+        skip = min(10, steps // 4)
+        t_skip, n_skip = self.marks[skip]
+        out = {"tokens_per_s": round((n_last - n_first) / max(t_last - t_first, 1e-9), 1)}
+        if steps > skip:
+            out.update(tokens_per_s_steady=round((n_last - n_skip) / max(t_last - t_skip, 1e-9), 1),
+                       step_seconds_steady=round((t_last - t_skip) / (steps - skip), 4),
+                       steady_window=[skip + 1, steps])
+        if torch.cuda.is_available():
+            out["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        return out
 
 
 def write_plots(history: list[dict], plots: Path) -> None:
@@ -194,7 +214,6 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, callbacks=[throughput := ThroughputLog()])
     result = trainer.train(resume_from_checkpoint=resume)
-    tokens_per_s = throughput.overall(trainer.state)
     with atomic_path(output) as tmp:
         trainer.save_model(str(tmp))  # every rank takes part (FSDP gathers); rank 0 writes
         if _is_main():
@@ -210,7 +229,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 4),
         "tokens_seen": int(trainer.state.num_input_tokens_seen),
-        "tokens_per_s": round(tokens_per_s, 1),
+        **throughput.summary(),
         "resumed_from_step": int(resume.rsplit("-", 1)[1]) if resume else 0,
         "trainable_parameters": trainable,
         "quantized_4bit": quantized,
