@@ -57,27 +57,37 @@ def make_tokenizer(model_dir: Path) -> None:
     tok.save_pretrained(model_dir)
 
 
+def prepare(work: Path, model_dir: str) -> tuple[Path, Path]:
+    """models/base (through import_base) and the tokenized split of the benchmark's samples."""
+    import datasets
+
+    from stages import import_base
+    from stages.params import ModelParams
+
+    base, data = work / "base", work / "tokenized"
+    if not (base / "base.json").exists():
+        make_tokenizer(Path(model_dir))
+        t0 = time.perf_counter()
+        import_base.run(base, ModelParams(source=model_dir))
+        log(f"[ours] import_base (copy + sha256): {time.perf_counter() - t0:.1f}s")
+    if not data.exists():
+        _, ids = hb.make_lengths()
+        datasets.Dataset.from_dict({"id": [str(i) for i in range(len(ids))], "input_ids": ids, "labels": ids,
+                                    "length": [len(x) for x in ids]}).save_to_disk(str(data))
+    return base, data
+
+
 def cmd_ours(a) -> None:
     """One configuration of our train stage, in this process."""
-    import datasets
     import torch
 
-    from stages import import_base, train
-    from stages.params import ModelParams, as_dict, load_params, parse_params
+    from stages import train
+    from stages.params import as_dict, load_params, parse_params
 
     rows, attn = a.config.split(":")
     work = Path(a.work)
-    base = work / "base"
-    if not (base / "base.json").exists():
-        make_tokenizer(Path(a.model_dir))
-        t0 = time.perf_counter()
-        import_base.run(base, ModelParams(source=a.model_dir))
-        log(f"[ours] import_base (copy + sha256): {time.perf_counter() - t0:.1f}s")
-    data = work / "tokenized"
-    lengths, ids = hb.make_lengths()
-    if not data.exists():
-        datasets.Dataset.from_dict({"id": [str(i) for i in range(len(ids))], "input_ids": ids, "labels": ids,
-                                    "length": [len(x) for x in ids]}).save_to_disk(str(data))
+    base, data = prepare(work, a.model_dir)
+    lengths, _ = hb.make_lengths()
     raw = work / "raw.jsonl"
     raw.write_text("synthetic\n")
     p = as_dict(load_params(ROOT / "configs/params-mistral7b-gpu.yaml"))
@@ -112,7 +122,7 @@ def cmd_all(a) -> None:
     env = {**os.environ, "OUT": a.part_dir}
     t0 = time.time()
     subprocess.run([sys.executable, str(HERE / "hf_baseline.py"), "all", "--variants", a.baseline,
-                    "--budget-s", str(a.budget_s), *common], env=env, check=False)
+                    "--budget-s", str(a.budget_s), "--skip-iso", *common], env=env, check=False)
     for config in a.ours.split(","):
         left = a.budget_s - (time.time() - t0)
         if left < 60:

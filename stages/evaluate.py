@@ -139,7 +139,7 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_base_model(base, params.model), adapter).eval()
+    model = PeftModel.from_pretrained(load_base_model(base, params.model, inference=True), adapter).eval()
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:

@@ -43,8 +43,8 @@ def base_for_merge(base: Path, params: Params):
     from stages.modeling import load_base_model
 
     if params.merge.into == "base":
-        return load_base_model(base, params.model, quantize=False, dtype=torch.float32).cpu()
-    model = load_base_model(base, params.model, quantize=True, dtype=torch.float32)
+        return load_base_model(base, params.model, quantize=False, dtype=torch.float32, inference=True).cpu()
+    model = load_base_model(base, params.model, quantize=True, dtype=torch.float32, inference=True)
     return model.dequantize().to(torch.float32).cpu()
 
 

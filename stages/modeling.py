@@ -66,16 +66,22 @@ def load_tokenizer(base: Path):
     return tokenizer
 
 
-def load_base_model(base: Path, params: ModelParams, quantize: bool | None = None, dtype: torch.dtype | None = None):
-    """The base model for training or evaluation: 4-bit when `quantize`, else in `dtype`."""
+def load_base_model(base: Path, params: ModelParams, quantize: bool | None = None, dtype: torch.dtype | None = None,
+                    inference: bool = False):
+    """The base model for training or evaluation: 4-bit when `quantize`, else in `dtype`. For inference
+    flex_attention becomes sdpa: it only pays off on packed training batches, and its compiled kernel
+    fails to lower under no_grad in torch 2.11 (benchmarks/results/fsdp_scaling_*.md)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     where, revision = weights_location(base)
     quantize = use_4bit(params) if quantize is None else quantize
     dtype = dtype or compute_dtype(params)
     kwargs: dict = {"dtype": dtype, "revision": revision}
-    if params.attn_implementation != "auto":
-        kwargs["attn_implementation"] = params.attn_implementation
+    attn = params.attn_implementation
+    if inference and attn == "flex_attention":
+        attn = "sdpa"
+    if attn != "auto":
+        kwargs["attn_implementation"] = attn
     if quantize:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -187,11 +187,17 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if resume:
         log.info("resuming from %s (same data, params and base as the interrupted run)", resume)
     on_cuda = torch.cuda.is_available()
+    optimizer = t.optimizer
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and "8bit" in optimizer:
+        # bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded DTensor parameters; the LoRA
+        # parameters are few (85M for 7B at r=32), so full-precision AdamW states cost little.
+        log.info("FSDP: train.optimizer=%s does not support sharded parameters; using adamw_torch_fused", optimizer)
+        optimizer = "adamw_torch_fused"
     args = TrainingArguments(
         output_dir=str(run_dir),
         seed=seed, data_seed=seed,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, optim=t.optimizer, max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay, optim=optimizer, max_grad_norm=t.max_grad_norm,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps, num_train_epochs=t.epochs,
@@ -214,12 +220,12 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, callbacks=[throughput := ThroughputLog()])
     result = trainer.train(resume_from_checkpoint=resume)
-    with atomic_path(output) as tmp:
-        trainer.save_model(str(tmp))  # every rank takes part (FSDP gathers); rank 0 writes
-        if _is_main():
-            write_json(tmp / "lineage.json", record)
     if not _is_main():
+        trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
+    with atomic_path(output) as tmp:
+        trainer.save_model(str(tmp))
+        write_json(tmp / "lineage.json", record)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     summary = {
