@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # CPU machines: the 2.13.0 CPU wheel. On CUDA machines: make setup TORCH=torch (or your CUDA build).
 TORCH  ?= torch==2.13.0
 
-.PHONY: setup run test repro clean-checkpoints
+.PHONY: setup run test remote clean-checkpoints
 
 setup: $(VENV)/.installed
 
@@ -28,3 +28,9 @@ test: setup
 
 clean-checkpoints:
 	rm -rf checkpoints
+
+# Share artifacts: make remote URL=s3://bucket/path (or gs://, ssh://, a folder); then `dvc push`.
+remote: setup
+	@test -n "$(URL)" || (echo "usage: make remote URL=s3://bucket/path" && exit 2)
+	$(BIN)/dvc remote add -d -f storage "$(URL)"
+	git add .dvc/config

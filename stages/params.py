@@ -81,6 +81,7 @@ class TrainParams:
     logging_steps: int = 1
     save_steps: int = 10
     save_total_limit: int = 2
+    checkpoint_sync: Optional[str] = None
     optimizer: str = "adamw_torch"
     max_grad_norm: float = 1.0
     accelerate_config: str = "auto"

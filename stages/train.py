@@ -37,6 +37,7 @@ from transformers import TrainerCallback
 from stages import lineage
 from stages.errors import StageError
 from stages.jsonl import atomic_path, file_md5, write_json
+from stages.modeling import read_base_json
 from stages.params import Params, as_dict, load_params
 
 log = logging.getLogger("finetune")
@@ -47,6 +48,7 @@ def fingerprint(params: Params, train_data: Path, base_meta: dict) -> str:
     """Identifies a training run: same data, params and base -> same checkpoints folder."""
     h = hashlib.sha256()
     relevant = {k: v for k, v in as_dict(params).items() if k in ("seed", "model", "lora", "train")}
+    relevant["train"].pop("checkpoint_sync")  # where checkpoints are mirrored does not change the run
     h.update(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS))
     h.update(base_meta["sha256"].encode())
     for f in sorted(train_data.glob("*.arrow")):
@@ -66,6 +68,48 @@ def last_complete_checkpoint(run_dir: Path) -> str | None:
         except (OSError, orjson.JSONDecodeError):
             log.info("skipping incomplete checkpoint %s", path)
     return None
+
+
+class CheckpointSync(TrainerCallback):
+    """Mirrors every finished checkpoint to `train.checkpoint_sync` (any fsspec URL or folder), under the
+    run's fingerprint, and fetches the newest one from there when this machine has none: a preempted
+    run resumes on another machine. Uploads go to NAME.partial and are renamed when complete, so a
+    half-uploaded checkpoint is never taken for a finished one."""
+
+    def __init__(self, url: str, run_id: str, keep: int):
+        import fsspec
+
+        self.fs, root = fsspec.core.url_to_fs(url)
+        self.remote, self.keep = f"{root.rstrip('/')}/{run_id}", keep
+
+    def remote_checkpoints(self) -> list[str]:
+        if not self.fs.exists(self.remote):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.remote, detail=False)]
+        return sorted((n for n in names if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()),
+                      key=lambda n: int(n.split("-", 1)[1]))
+
+    def fetch_latest(self, run_dir: Path) -> None:
+        remote = self.remote_checkpoints()
+        if remote:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.fs.get(f"{self.remote}/{remote[-1]}", str(run_dir / remote[-1]), recursive=True)
+            log.info("fetched %s from %s", remote[-1], self.remote)
+
+    def clear(self) -> None:
+        if self.fs.exists(self.remote):
+            self.fs.rm(self.remote, recursive=True)
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        name = f"checkpoint-{state.global_step}"
+        partial = f"{self.remote}/{name}.partial"
+        self.fs.put(str(Path(args.output_dir) / name), partial, recursive=True)
+        self.fs.mv(partial, f"{self.remote}/{name}", recursive=True)
+        for old in self.remote_checkpoints()[:-self.keep]:
+            self.fs.rm(f"{self.remote}/{old}", recursive=True)
+        log.info("checkpoint %s mirrored to %s", name, self.remote)
 
 
 def relaunch_under_accelerate(config: str) -> bool:
@@ -153,7 +197,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from stages.modeling import load_base_model, load_tokenizer, read_base_json, use_4bit
+    from stages.modeling import load_base_model, load_tokenizer, use_4bit
 
     if not train_data.exists():
         raise StageError(f"{train_data}: no tokenized train split (run `finetune tokenize` or `dvc repro`)")
@@ -182,7 +226,9 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
              100 * trainable / total)
 
     record = lineage.build(params, base_meta, lineage_data, ids)
-    run_dir = checkpoints / fingerprint(params, train_data, base_meta)
+    run_id = fingerprint(params, train_data, base_meta)
+    run_dir = checkpoints / run_id
+    sync = CheckpointSync(t.checkpoint_sync, run_id, max(t.save_total_limit, 1)) if t.checkpoint_sync else None
     resume = last_complete_checkpoint(run_dir)
     if resume:
         log.info("resuming from %s (same data, params and base as the interrupted run)", resume)
@@ -218,7 +264,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, callbacks=[throughput := ThroughputLog()])
+                      data_collator=collator, callbacks=[throughput := ThroughputLog()] + ([sync] if sync else []))
     result = trainer.train(resume_from_checkpoint=resume)
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
@@ -247,6 +293,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     write_json(metrics, summary)
     write_plots(history, plots)
     shutil.rmtree(run_dir, ignore_errors=True)
+    if sync:
+        sync.clear()
     _finish_wandb(params)
     log.info("train: %d steps, loss %s -> %s, adapter in %s", summary["steps"], summary["first_loss"],
              summary["final_loss"], output)
@@ -267,6 +315,10 @@ def _finish_wandb(params: Params) -> None:
 
 def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
     params = load_params(params_path)
+    if params.train.checkpoint_sync and "LOCAL_RANK" not in os.environ:  # once, before any worker starts
+        run_id = fingerprint(params, train_data, read_base_json(base))
+        if not last_complete_checkpoint(checkpoints / run_id):
+            CheckpointSync(params.train.checkpoint_sync, run_id, 1).fetch_latest(checkpoints / run_id)
     if relaunch_under_accelerate(params.train.accelerate_config):
         return
     run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params)
