@@ -19,20 +19,21 @@ What it does, in one run:
      to what was planted, and so on through tokenize), prints a table and writes it with the raw numbers
      to benchmarks/results/data_stages_<date>_n<N>.{txt,json}.
 
-Peak RSS: the largest sum of RSS over a stage's process tree, sampled every 50 ms (a worker's pages
-shared with its parent count twice, so this errs high), and the kernel's exact ru_maxrss of the largest
-single process. Needs models/base (tokenizer.json, base.json): `dvc repro import_base` makes it.
+Peak RSS: the largest sum of RSS over a stage's process tree (its workers included), sampled every
+50 ms; pages a worker shares with its parent count twice, so this errs high. Beside it, the exact peak
+(VmHWM) of the stage's main process. Needs models/base (tokenizer.json, base.json): `dvc repro import_base` makes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -119,9 +120,9 @@ class Rows:
 
     def bad_line(self, kind: str) -> bytes:
         rng = self.rng
-        if kind == "invalid_json":
-            line = orjson.dumps(self.good_row())
-            return line[: rng.randrange(1, len(line) - 1)]
+        if kind == "invalid_json":  # cut short, at a character boundary (else it would be bad_encoding)
+            text = orjson.dumps(self.good_row()).decode()
+            return text[: rng.randrange(1, len(text) - 1)].encode()
         if kind == "not_an_object":
             return rng.choice([b"null", b"42", b'"just a string"', b'["a", "b"]'])
         if kind == "schema":
@@ -148,9 +149,11 @@ def generate(n: int, out_n: Path, out_2n: Path | None, loadable: Path | None, se
     rows = Rows(seed)
     rng = rows.rng
     planted = {"n": Counter(), "2n": Counter()}
-    files = {"n": open(out_n, "wb", buffering=1 << 20), "2n": open(out_2n, "wb", buffering=1 << 20) if out_2n else None}
-    f_ld = open(loadable, "wb", buffering=1 << 20) if loadable else None
-    try:
+    with contextlib.ExitStack() as stack:
+        def open_(path: Path | None):
+            return stack.enter_context(open(path, "wb", buffering=1 << 20)) if path else None
+
+        files, f_ld = {"n": open_(out_n), "2n": open_(out_2n)}, open_(loadable)
         for i in range(2 * n if out_2n else n):
             r = rng.random()
             if r < BLANK_RATE:
@@ -173,10 +176,6 @@ def generate(n: int, out_n: Path, out_2n: Path | None, loadable: Path | None, se
                 if f is not None and (key == "2n" or i < n):
                     f.write(line + end)
                     planted[key][kind] += 1
-    finally:
-        for f in (*files.values(), f_ld):
-            if f is not None:
-                f.close()
     return {k: dict(v) for k, v in planted.items()}
 
 
@@ -327,6 +326,15 @@ BASELINE = {"baseline_validate": baseline_validate, "baseline_format": baseline_
             "baseline_tokenize": baseline_tokenize}
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak RSS of one process since it started its program (ru_maxrss would also count the RSS of the
+    parent it was forked from: the benchmark's own, here)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def run_child(spec: dict, workdir: Path) -> dict:
     """Runs `child(spec)` in a new interpreter; adds process wall time and memory peaks."""
     import psutil
@@ -358,7 +366,7 @@ def run_child(spec: dict, workdir: Path) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    _, status, _ = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
@@ -367,8 +375,7 @@ def run_child(spec: dict, workdir: Path) -> dict:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{spec['stage']} ({spec['tag']}) failed ({proc.returncode}):\n{tail}")
     out = json.loads(result_path.read_text())
-    out.update(process_seconds=wall, peak_tree_rss_mb=peak["tree_rss"] / 2**20,
-               max_rss_mb=usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
+    out.update(process_seconds=wall, peak_tree_rss_mb=peak["tree_rss"] / 2**20)
     return out
 
 
@@ -390,9 +397,9 @@ def machine() -> dict:
             versions[lib] = md.version(lib)
         except md.PackageNotFoundError:
             versions[lib] = None
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "stages", "benchmarks/data_stages.py"], cwd=ROOT,
-                           capture_output=True, text=True).stdout.strip()
+    git = functools.partial(subprocess.run, cwd=ROOT, capture_output=True, text=True, check=False)
+    commit = git(["git", "rev-parse", "--short", "HEAD"]).stdout.strip()
+    dirty = git(["git", "status", "--porcelain", "stages", "benchmarks/data_stages.py"]).stdout.strip()
     return {"cpu_model": cpu, "cpu_count": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "memory_mb": mem, "platform": platform.platform(), "python": platform.python_version(),
@@ -401,7 +408,8 @@ def machine() -> dict:
 
 def busy() -> list[str]:
     """Other heavy work on the machine now (another test suite, a training run): timings get noisy."""
-    out = subprocess.run(["pgrep", "-af", "pytest|finetune train|dvc repro"], capture_output=True, text=True).stdout
+    out = subprocess.run(["pgrep", "-af", "pytest|finetune train|dvc repro"], capture_output=True, text=True,
+                         check=False).stdout
     return [line for line in out.splitlines() if str(os.getpid()) not in line and "pgrep" not in line]
 
 
@@ -464,21 +472,21 @@ def table(report: dict) -> str:
     n = report["rows"]
     runs, base, bare = report["runs"], report.get("baseline"), report["bare_tokenizer"]
     lines = [
-        f"finetune data stages: validate -> format -> tokenize, {n:,} rows"
-        + (f" (and {2 * n:,} for the memory check)" if "2n" in runs else ""),
-        f"date {report['date']}  machine: {report['machine']['cpu_model']}, {report['machine']['cpus_usable']} cpus, "
-        f"{report['machine']['memory_mb'] / 1024:.0f} GiB, Python {report['machine']['python']}",
+        (f"finetune data stages: validate -> format -> tokenize, {n:,} rows"
+         + (f" (and {2 * n:,} for the memory check)" if "2N" in runs else "")),
+        (f"date {report['date']}  machine: {report['machine']['cpu_model']}, {report['machine']['cpus_usable']} cpus, "
+         f"{report['machine']['memory_mb'] / 1024:.0f} GiB, Python {report['machine']['python']}"),
         f"command: {report['command']}",
         f"load: {report['load']}",
         "",
-        f"{'stage':<10} {'rows':>11} {'rows/s':>10} {'stage s':>8} {'process s':>9} {'peak RSS MB':>11} {'max 1 proc':>10}",
+        f"{'stage':<10} {'rows':>11} {'rows/s':>10} {'stage s':>8} {'process s':>9} {'peak RSS MB':>11} {'main proc':>10}",
     ]
     for tag in runs:
         for stage in ("validate", "format", "tokenize"):
             r = runs[tag][stage]
             rows = r["rows_in"]
             lines.append(f"{stage + ' ' + tag:<10} {rows:>11,} {rows / r['seconds']:>10,.0f} {r['seconds']:>8.1f} "
-                         f"{r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} {r['max_rss_mb']:>10.0f}")
+                         f"{r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} {r['vm_hwm_mb']:>10.0f}")
         total = sum(runs[tag][s]["process_seconds"] for s in ("validate", "format", "tokenize"))
         peak = max(runs[tag][s]["peak_tree_rss_mb"] for s in ("validate", "format", "tokenize"))
         lines.append(f"{'total ' + tag:<10} {runs[tag]['validate']['rows_in']:>11,} "
@@ -488,6 +496,8 @@ def table(report: dict) -> str:
     lines.append(f"bare tokenizer on the same {eb['rows']:,} texts ({eb['tokens'] / eb['rows']:.0f} tokens a row): "
                  f"encode_batch {eb['rows_per_s']:,.0f} rows/s ({eb['tokens'] / eb['seconds']:,.0f} tokens/s), "
                  f"encode_batch_fast (no offsets) {ef['rows_per_s']:,.0f} rows/s")
+    lines.append(f"  (the tokenizer's calls alone take {eb['seconds']:.0f} s of wall time on these rows: a floor under "
+                 "the total)")
     if base:
         lines += ["", f"naive baseline (N): load_dataset('json') on the raw file: {base['dirty_file']}",
                   f"  so it ran on the {base['loaded_rows']:,} rows it can load (rows/s per those rows):"]
@@ -495,7 +505,7 @@ def table(report: dict) -> str:
             r = base[stage]
             lines.append(f"{stage + ' naive':<10} {r['rows_in']:>11,} {r['rows_in'] / r['seconds']:>10,.0f} "
                          f"{r['seconds']:>8.1f} {r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} "
-                         f"{r['max_rss_mb']:>10.0f}")
+                         f"{r['vm_hwm_mb']:>10.0f}")
         total = sum(base[s]["process_seconds"] for s in ("validate", "format", "tokenize"))
         lines.append(f"{'total naive':<10} {base['loaded_rows']:>11,} {base['loaded_rows'] / total:>10,.0f} "
                      f"{'':>8} {total:>9.1f}")
@@ -525,7 +535,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        Path(spec["result"]).write_text(json.dumps(child(spec)))
+        out = child(spec)
+        out["vm_hwm_mb"] = vm_hwm_mb()
+        Path(spec["result"]).write_text(json.dumps(out))
         return 0
     if not (BASE / "tokenizer.json").exists() or not (BASE / "base.json").exists():
         raise SystemExit(f"{BASE}: no tokenizer.json/base.json; the benchmark tokenizes with the project's base model. "
@@ -589,8 +601,8 @@ def main() -> int:
         ("validate >= 200,000 rows/s", rate["validate"] >= 200_000, f"{rate['validate']:,.0f} rows/s"),
         ("tokenize within 1.5x of the bare tokenizer's batch speed (encode_batch)",
          ratios["bare encode_batch rows/s / tokenize stage rows/s"] <= 1.5,
-         f"{ratios['bare encode_batch rows/s / tokenize stage rows/s']:.2f}x "
-         f"({ratios['bare encode_batch_fast rows/s / tokenize stage rows/s']:.2f}x of encode_batch_fast)"),
+         (f"{ratios['bare encode_batch rows/s / tokenize stage rows/s']:.2f}x "
+          f"({ratios['bare encode_batch_fast rows/s / tokenize stage rows/s']:.2f}x of encode_batch_fast)")),
         ("peak RSS <= 1 GB (largest stage, whole process tree)", peak_n <= 1024, f"{peak_n:.0f} MB"),
     ]
     if "2N" in runs:

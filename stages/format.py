@@ -9,16 +9,35 @@ Templates (`template.name`):
   chat    the base tokenizer's own chat template (read from --base; only this template needs it)
 The prompt and the completion stay apart so that `tokenize` masks the prompt exactly. Multi-turn rows
 train on the LAST assistant turn; earlier turns become context in the prompt.
+
+Streaming: the input is cut into blocks of whole lines (~4 MB); for large inputs one worker process a
+core formats blocks into part files, which are appended to the output in input order. Memory stays at
+a few blocks; the output appears, by rename, only when complete.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+
+import orjson
 
 from stages.errors import StageError
-from stages.jsonl import read_jsonl, write_jsonl
+from stages.jsonl import (
+    atomic_path,
+    block_lines,
+    block_spans,
+    cpu_count,
+    dumps,
+    gc_paused,
+    map_ordered,
+    read_span,
+)
 from stages.params import TemplateParams
+
+PARALLEL_MIN_BYTES = 16 << 20  # inputs from 16 MB (~50k rows) use a worker per core; smaller ones run here
 
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -57,6 +76,7 @@ def render_alpaca(context: list[dict], system: str | None) -> str:
     return "\n\n".join(parts) + "\n\n### Response:\n"
 
 
+@functools.lru_cache(maxsize=4)  # once a process: a worker formats many blocks with it
 def chat_renderer(base: Path) -> Callable[[list[dict], str], tuple[str, str]]:
     from transformers import AutoTokenizer
 
@@ -93,7 +113,37 @@ def format_rows(rows: Iterable[dict], template: TemplateParams, base: Path | Non
         yield {"id": row["id"], "prompt": prompt, "completion": completion}
 
 
+def format_block(block: bytes, template: TemplateParams, base: Path | None) -> tuple[bytes, int]:
+    """A block of clean JSONL lines -> (the prompt JSONL lines, how many)."""
+    with gc_paused():
+        rows = (orjson.loads(line) for line in block_lines(block) if line.strip())
+        out = [dumps(row) for row in format_rows(rows, template, base)]
+    return b"".join(out), len(out)
+
+
+def format_part(input: str, offset: int, size: int, template: TemplateParams, base: Path | None, part: str) -> int:
+    """One task, in a worker process for large files: format a block of the input into the file `part`."""
+    lines, n = format_block(read_span(input, offset, size), template, base)
+    with open(part, "wb") as f:
+        f.write(lines)
+    return n
+
+
 def run(input: Path, output: Path, template: TemplateParams, base: Path | None) -> int:
     if not input.exists():
         raise StageError(f"{input}: no such file (run `finetune validate` first, or `dvc repro`)")
-    return write_jsonl(output, format_rows(read_jsonl(input), template, base))
+    if template.name == "chat":
+        if base is None:
+            raise StageError("template.name=chat needs --base (the base model directory with its tokenizer)")
+        chat_renderer(base)  # fails here, before any worker starts, if the template is unusable
+    workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
+    total = 0
+    with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as out:
+        tasks = ((str(input), offset, size, template, base, str(tmp.parent / f"part-{offset}"))
+                 for offset, size in block_spans(input))
+        for task, n in map_ordered(format_part, tasks, workers):
+            with open(task[-1], "rb") as part:
+                out.write(part.read())
+            os.unlink(task[-1])
+            total += n
+    return total

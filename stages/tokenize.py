@@ -11,23 +11,64 @@ token. Over `tokenize.max_length` tokens: `drop` rejects the row; `truncate` cut
 LEFT (the newest context and the whole answer stay). A completion that does not fit even without a
 prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
 
-Uses the `tokenizers` library directly (its batch API runs on all cores); no torch.
+Streaming and speed: the prompts file is cut into blocks of whole lines (~8 MB, ~25k rows); each block
+becomes one .arrow shard, `tokenize.batch_size` rows at a time through the `tokenizers` library's batch
+API (Rust; no torch). Large inputs use a worker process a core, each with a one-thread tokenizer, so
+the cores stay busy while Python handles a batch; small ones run here on the tokenizer's threads. The
+seam is found with a char_to_token call or two a row instead of copying every token's offsets into
+Python; labels are masked with numpy; each batch is written as one Arrow record batch. The directory
+has the layout `datasets.save_to_disk` writes, so `datasets.load_from_disk` reads it as is. Memory: a
+block and a batch a worker, plus 4 bytes a row for the length report.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import itertools
+import json
 import os
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from stages.errors import StageError
-from stages.jsonl import atomic_path, atomic_writer, dumps, read_jsonl, write_json
+from stages.jsonl import (
+    atomic_path,
+    atomic_writer,
+    block_lines,
+    block_spans,
+    cpu_count,
+    dumps,
+    map_ordered,
+    read_span,
+    write_json,
+)
 from stages.params import TokenizeParams
 
 FEATURES = {"id": "string", "input_ids": "int32", "labels": "int32", "length": "int32"}
+# The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
+# spelled out so that the workers need no `import datasets` (~1 s and ~90 MB each); a test holds it
+# equal to datasets.Features(...).arrow_schema.
+_INT32_LIST = {"feature": {"dtype": "int32", "_type": "Value"}, "_type": "List"}
+SCHEMA = pa.schema(
+    [pa.field("id", pa.string()), pa.field("input_ids", pa.list_(pa.int32())),
+     pa.field("labels", pa.list_(pa.int32())), pa.field("length", pa.int32())],
+    metadata={"huggingface": json.dumps({"info": {"features": {
+        "id": {"dtype": "string", "_type": "Value"}, "input_ids": _INT32_LIST, "labels": _INT32_LIST,
+        "length": {"dtype": "int32", "_type": "Value"}}}})},
+)
+BLOCK = 8 << 20  # bytes of prompt rows a task and an .arrow shard: ~25,000 rows, ~30 MB of tokens
+PARALLEL_MIN_BYTES = 16 << 20  # inputs from 16 MB (~50k rows) use a worker per core; smaller ones run here
+
+Kept = tuple[str, list[int], "int | list[bool]"]  # (id, input_ids, mask): see tokenize_batch
 
 
 def load_tokenizer(base: Path):
@@ -38,113 +79,278 @@ def load_tokenizer(base: Path):
     if not tok_path.exists() or not meta_path.exists():
         raise StageError(f"{base}: no tokenizer.json/base.json; run `finetune import-base` (or `dvc repro import_base`)")
     meta = orjson.loads(meta_path.read_bytes())
-    return Tokenizer.from_file(str(tok_path)), meta["eos_token_id"]
+    tokenizer = Tokenizer.from_file(str(tok_path))
+    tokenizer.no_truncation()  # the length policy is ours: a cut inside the tokenizer would go uncounted
+    tokenizer.no_padding()
+    return tokenizer, meta["eos_token_id"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many special tokens the tokenizer's post-processor puts before (e.g. BOS) and after one text."""
+
+    head: int
+    tail: int
+
+
+def layout(tokenizer) -> Layout:
+    special = tokenizer.encode("a").special_tokens_mask
+    head = next((i for i, s in enumerate(special) if not s), len(special))
+    tail = next((i for i, s in enumerate(reversed(special)) if not s), 0)
+    return Layout(head, tail)
+
+
+def answer_flags(enc, cut: int) -> list[bool]:
+    """The rule, token by token: a token is trained when the post-processor did not add it and it starts
+    at or after `cut`, the first character of the completion."""
+    return [s == 0 and start >= cut for (start, _), s in zip(enc.offsets, enc.special_tokens_mask)]
+
+
+def first_answer_token(enc, cut: int, text_len: int, lay: Layout) -> int | None:
+    """The index from which `answer_flags` is True, found with a few calls instead of copying every
+    offset into Python (~1/5 of the tokenizer's own time). Token starts never decrease along the text,
+    so it is the first token covering a character at or after `cut`, moved on by one when that token
+    starts before `cut` (it spans the seam: prompt), or back over empty tokens that start at or after
+    `cut` (a lone space with trimmed offsets). None when this shortcut does not apply: special tokens
+    after the text, or no token covering the next 8 characters."""
+    if lay.tail:
+        return None
+    k, char = enc.char_to_token(cut), cut
+    while k is None and char + 1 < min(text_len, cut + 8):  # a character no token covers (trimmed offsets)
+        char += 1
+        k = enc.char_to_token(char)
+    if k is None or k < lay.head:
+        return None
+    if enc.token_to_chars(k)[0] < cut:
+        return k + 1
+    while k > lay.head and enc.token_to_chars(k - 1)[0] >= cut:
+        k -= 1
+    return k
+
+
+def tokenize_batch(rows: list[dict], tokenizer, eos_id: int, params: TokenizeParams, lay: Layout
+                   ) -> tuple[list[Kept], list[dict], Counter]:
+    """Prompt rows -> (kept rows, rejects, counts of "truncated" rows and "trained_tokens"). A kept row is
+    (id, input_ids, mask): `mask` is the number of leading tokens whose label is -100 or, for the rare
+    row whose trained tokens are not one run at the end, a trained flag per token."""
+    kept, rejects, counts = [], [], Counter()
+    texts = [r["prompt"] + r["completion"] for r in rows]
+    keep_head = 1 if lay.head else 0  # keep BOS
+    for row, text, enc in zip(rows, texts, tokenizer.encode_batch(texts)):
+        ids, cut = enc.ids, len(row["prompt"])
+        n_prompt = first_answer_token(enc, cut, len(text), lay)
+        if n_prompt is not None:
+            flags = None
+            ids.append(eos_id)
+        else:
+            flags = answer_flags(enc, cut)
+            if ids and ids[-1] == eos_id and enc.special_tokens_mask[-1]:  # the post-processor already ended it
+                flags[-1] = True
+            else:
+                ids, flags = ids + [eos_id], flags + [True]
+            n_prompt = flags.index(True) if True in flags else len(ids)
+        reason = None
+        if len(ids) > params.max_length:
+            excess = len(ids) - params.max_length
+            if params.overlength == "drop":
+                reason = f"{len(ids)} tokens > tokenize.max_length={params.max_length} (overlength=drop)"
+            elif n_prompt - keep_head < excess:
+                reason = (f"the completion alone needs {len(ids) - n_prompt + keep_head} tokens > "
+                          f"tokenize.max_length={params.max_length}; it is never cut")
+            else:
+                del ids[keep_head:keep_head + excess]
+                if flags is not None:
+                    del flags[keep_head:keep_head + excess]
+                n_prompt -= excess
+                counts["truncated"] += 1
+        if reason is None and n_prompt >= len(ids):
+            reason = "no trained tokens"
+        if reason:
+            rejects.append({"id": row["id"], "reason": "too_long" if "max_length" in reason
+                            else "no_trained_tokens", "detail": reason})
+            continue
+        if params.train_on_prompt:
+            mask = 0
+        elif flags is None or flags == [i >= n_prompt for i in range(len(flags))]:
+            mask = n_prompt
+        else:
+            mask = flags
+        counts["trained_tokens"] += len(ids) - mask if isinstance(mask, int) else sum(mask)
+        kept.append((row["id"], ids, mask))
+    return kept, rejects, counts
+
+
+def labels_of(ids: list[int], mask: int | list[bool]) -> list[int]:
+    if isinstance(mask, int):
+        return [-100] * mask + ids[mask:]
+    return [t if a else -100 for t, a in zip(ids, mask)]
+
+
+def batched(rows: Iterable[dict], n: int) -> Iterator[list[dict]]:
+    it = iter(rows)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
 
 
 def tokenize_rows(rows: Iterable[dict], tokenizer, eos_id: int, params: TokenizeParams,
                   rejects: list[dict], stats: dict) -> Iterator[dict]:
-    """Prompt rows -> {"id", "input_ids", "labels", "length"}; rows that cannot be kept go to `rejects`,
-    counts of truncated rows and trained tokens accumulate in `stats`."""
-    batch: list[dict] = []
-
-    def flush() -> Iterator[dict]:
-        texts = [r["prompt"] + r["completion"] for r in batch]
-        for row, enc in zip(batch, tokenizer.encode_batch(texts)):
-            ids, offsets, special = enc.ids, enc.offsets, enc.special_tokens_mask
-            cut = len(row["prompt"])
-            in_answer = [s == 0 and start >= cut for (start, _), s in zip(offsets, special)]
-            if ids and ids[-1] == eos_id and special[-1]:  # the post-processor already ended it
-                in_answer[-1] = True
-            else:
-                ids, in_answer = ids + [eos_id], in_answer + [True]
-            n_prompt = in_answer.index(True) if True in in_answer else len(ids)
-            reason = None
-            if len(ids) > params.max_length:
-                excess = len(ids) - params.max_length
-                keep_head = 1 if special and special[0] else 0  # keep BOS
-                if params.overlength == "drop":
-                    reason = f"{len(ids)} tokens > tokenize.max_length={params.max_length} (overlength=drop)"
-                elif n_prompt - keep_head < excess:
-                    reason = (f"the completion alone needs {len(ids) - n_prompt + keep_head} tokens > "
-                              f"tokenize.max_length={params.max_length}; it is never cut")
-                else:
-                    del ids[keep_head:keep_head + excess], in_answer[keep_head:keep_head + excess]
-                    stats["truncated"] += 1
-            labels = [t if (a or params.train_on_prompt) else -100 for t, a in zip(ids, in_answer)]
-            if reason is None and not any(a for a in in_answer):
-                reason = "no trained tokens"
-            if reason:
-                rejects.append({"id": row["id"], "reason": "too_long" if "max_length" in reason
-                                else "no_trained_tokens", "detail": reason})
-                continue
-            stats["trained_tokens"] += sum(1 for label in labels if label != -100)
-            yield {"id": row["id"], "input_ids": ids, "labels": labels, "length": len(ids)}
-        batch.clear()
-
+    """Prompt rows -> {"id", "input_ids", "labels", "length"}, a batch at a time; rows that cannot be
+    kept go to `rejects`, counts of truncated rows and trained tokens accumulate in `stats`."""
     stats.setdefault("truncated", 0)
     stats.setdefault("trained_tokens", 0)
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= params.batch_size:
-            yield from flush()
-    if batch:
-        yield from flush()
+    lay = layout(tokenizer)
+    for batch in batched(rows, params.batch_size):
+        kept, rejected, counts = tokenize_batch(batch, tokenizer, eos_id, params, lay)
+        rejects.extend(rejected)
+        for key, n in counts.items():
+            stats[key] += n
+        for id_, ids, mask in kept:
+            yield {"id": id_, "input_ids": ids, "labels": labels_of(ids, mask), "length": len(ids)}
 
 
-def length_report(lengths: np.ndarray, stats: dict, rejects: list[dict], rows_in: int) -> dict:
+def record_batch(kept: list[Kept], schema: pa.Schema) -> pa.RecordBatch:
+    """Kept rows -> one Arrow record batch. The ids are flattened once; the labels are those ids with
+    -100 over each row's masked prefix, set with numpy (a Python list a row costs ~4x more)."""
+    lengths = np.fromiter((len(ids) for _, ids, _ in kept), dtype=np.int32, count=len(kept))
+    offsets = np.zeros(len(kept) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(ids for _, ids, _ in kept), dtype=np.int32,
+                       count=int(offsets[-1]))
+    masked = np.fromiter((m if isinstance(m, int) else 0 for _, _, m in kept), dtype=np.int32, count=len(kept))
+    position = np.arange(len(flat), dtype=np.int32) - np.repeat(offsets[:-1], lengths)
+    labels = np.where(position < np.repeat(masked, lengths), np.int32(-100), flat)
+    for i, (_, ids, mask) in enumerate(kept):
+        if not isinstance(mask, int):  # trained tokens not in one run at the end: set one by one
+            labels[offsets[i]:offsets[i + 1]] = labels_of(ids, mask)
+    return pa.RecordBatch.from_arrays([
+        pa.array([id_ for id_, _, _ in kept], type=pa.string()),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
+        pa.array(lengths),
+    ], schema=schema)
+
+
+def length_report(lengths: np.ndarray, stats: dict, dropped: dict, rows_in: int) -> dict:
     q = np.percentile(lengths, [50, 90, 99]).tolist() if len(lengths) else [0, 0, 0]
     return {
         "rows_in": rows_in,
-        "rows_out": int(len(lengths)),
-        "dropped_too_long": sum(r["reason"] == "too_long" for r in rejects),
-        "dropped_no_trained_tokens": sum(r["reason"] == "no_trained_tokens" for r in rejects),
-        "truncated": stats["truncated"],
+        "rows_out": len(lengths),
+        "dropped_too_long": dropped.get("too_long", 0),
+        "dropped_no_trained_tokens": dropped.get("no_trained_tokens", 0),
+        "truncated": stats.get("truncated", 0),
         "tokens_total": int(lengths.sum()),
-        "tokens_trained": stats["trained_tokens"],
+        "tokens_trained": stats.get("trained_tokens", 0),
         "length_p50": q[0], "length_p90": q[1], "length_p99": q[2],
         "length_max": int(lengths.max()) if len(lengths) else 0,
     }
 
 
+@dataclass
+class Part:
+    """What `tokenize_part` made of one block of the prompts file (its rows went to one .arrow shard)."""
+
+    rows_in: int
+    lengths: array  # of the kept rows, in order
+    rejects: list[dict]
+    counts: Counter
+    nbytes: int  # of the record batches written
+    digest: str  # sha256 of their buffers
+
+
+@functools.lru_cache(maxsize=2)  # once a process: a worker tokenizes many blocks
+def tokenizer_for(base: Path, threads: bool):
+    if threads:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    else:  # a worker among one a core: more threads would only take turns
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tokenizer, eos_id = load_tokenizer(base)
+    return tokenizer, eos_id, layout(tokenizer)
+
+
+def tokenize_part(input: str, offset: int, size: int, base: Path, params: TokenizeParams, shard: str,
+                  threads: bool) -> Part:
+    """One task: the prompt rows of one block of the input -> the Arrow stream file `shard`, a batch of
+    `tokenize.batch_size` rows at a time. In a worker process (one a core, the tokenizer on one thread:
+    the cores never wait on Python) for large inputs; here, with the tokenizer's threads, for small ones."""
+    tokenizer, eos_id, lay = tokenizer_for(base, threads)
+    rows = (orjson.loads(line) for line in block_lines(read_span(input, offset, size)) if line.strip())
+    part = Part(0, array("i"), [], Counter(), 0, "")
+    digest = hashlib.sha256()
+    with pa.OSFile(shard, "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as stream:
+        for batch in batched(rows, params.batch_size):
+            kept, rejects, counts = tokenize_batch(batch, tokenizer, eos_id, params, lay)
+            part.rows_in += len(batch)
+            part.rejects += rejects
+            part.counts.update(counts)
+            if kept:
+                record = record_batch(kept, SCHEMA)
+                stream.write_batch(record)
+                part.nbytes += record.nbytes
+                part.lengths.extend(len(ids) for _, ids, _ in kept)
+                for column in record.columns:
+                    for buffer in column.buffers():
+                        if buffer is not None:
+                            digest.update(buffer)
+    part.digest = digest.hexdigest()
+    return part
+
+
+def write_dataset_files(directory: Path, shards: list[Path], rows: int, nbytes: int, fingerprint: str) -> None:
+    """Names the shards and writes dataset_info.json and state.json as `datasets.save_to_disk` does, so
+    that `datasets.load_from_disk` reads the directory."""
+    import datasets  # here only, after the workers: ~1 s to import
+    from datasets.utils.py_utils import asdict
+
+    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+    for shard, name in zip(shards, names):
+        shard.rename(directory / name)
+    features = datasets.Features.from_arrow_schema(SCHEMA)
+    info = datasets.DatasetInfo(features=features, dataset_size=nbytes, size_in_bytes=nbytes)
+    info.splits = datasets.SplitDict()
+    info.splits.add(datasets.SplitInfo(name="train", num_bytes=nbytes, num_examples=rows))
+    info = asdict(info)
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": fingerprint,
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+        "_output_all_columns": False, "_split": "train",
+    }
+    # indent 2, state's keys sorted, dataset_info's first level sorted: as save_to_disk writes them
+    (directory / "state.json").write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    (directory / "dataset_info.json").write_bytes(orjson.dumps({k: info[k] for k in sorted(info)},
+                                                               option=orjson.OPT_INDENT_2))
+
+
 def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path: Path | None,
         params: TokenizeParams) -> dict:
-    import datasets
-
     if not input.exists():
         raise StageError(f"{input}: no such file (run `finetune format` first, or `dvc repro`)")
-    tokenizer, eos_id = load_tokenizer(base)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    features = datasets.Features({
-        "id": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")),
-        "labels": datasets.Sequence(datasets.Value("int32")),
-        "length": datasets.Value("int32"),
-    })
-    rejects: list[dict] = []
-    lengths: list[int] = []
-    counter = {"rows_in": 0}
-    stats: dict = {}
-
-    def rows():
-        for row in read_jsonl(input):
-            counter["rows_in"] += 1
-            yield row
-
-    def gen():
-        for out in tokenize_rows(rows(), tokenizer, eos_id, params, rejects, stats):
-            lengths.append(out["length"])
-            yield out
-
-    with atomic_path(output) as tmp:
-        cache = tmp.parent / "cache"
-        ds = datasets.Dataset.from_generator(gen, features=features, cache_dir=str(cache), keep_in_memory=False)
-        ds.save_to_disk(str(tmp))
-        del ds
-    if rejects_path:
-        with atomic_writer(rejects_path) as f:
-            for r in rejects:
-                f.write(dumps(r))
-    summary = length_report(np.asarray(lengths, dtype=np.int64), stats, rejects, counter["rows_in"])
+    load_tokenizer(base)  # a missing tokenizer fails here, before any worker starts
+    workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
+    lengths = array("i")  # 4 bytes a kept row, for the percentiles
+    stats, dropped, rows_in, nbytes, shards = Counter(), Counter(), 0, 0, []
+    fingerprint = hashlib.sha256()  # of everything written, in order: same input, same bytes, same DVC hash
+    rejects_file = atomic_writer(rejects_path) if rejects_path else contextlib.nullcontext()
+    with atomic_path(output) as tmp, rejects_file as rejected:
+        tmp.mkdir()
+        tasks = ((str(input), offset, size, base, params, str(tmp / f"shard-{i}.arrow"), workers == 1)
+                 for i, (offset, size) in enumerate(block_spans(input, BLOCK)))
+        for task, part in map_ordered(tokenize_part, tasks, workers):
+            shards.append(Path(task[5]))
+            rows_in, nbytes = rows_in + part.rows_in, nbytes + part.nbytes
+            lengths.extend(part.lengths)
+            stats.update(part.counts)
+            fingerprint.update(part.digest.encode())
+            for r in part.rejects:
+                dropped[r["reason"]] += 1
+                if rejected:
+                    rejected.write(dumps(r))
+        if not shards:  # an empty input: still a loadable, empty dataset
+            shards.append(tmp / "shard-0.arrow")
+            with pa.OSFile(str(shards[0]), "wb") as sink:
+                pa.ipc.new_stream(sink, SCHEMA).close()
+        write_dataset_files(tmp, shards, len(lengths), nbytes, fingerprint.hexdigest()[:16])
+    summary = length_report(np.frombuffer(lengths, dtype=np.int32), stats, dropped, rows_in)
     if report:
         write_json(report, summary)
     if not lengths:

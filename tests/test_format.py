@@ -1,4 +1,10 @@
+import functools
+
+import orjson
+import pytest
+
 from stages import format as fmt
+from stages import jsonl
 from stages.params import TemplateParams
 
 
@@ -32,3 +38,53 @@ def test_chat_template_uses_the_base_tokenizer(tiny_base):
                              "<|im_start|>assistant\na1<|im_end|>\n<|im_start|>user\nq2<|im_end|>\n"
                              "<|im_start|>assistant\n")
     assert out["completion"] == "a2<|im_end|>"
+
+
+def clean_file(path, n):
+    with open(path, "wb") as f:
+        for i in range(n):
+            turns = (f"q{i}", f"a{i}") if i % 3 else (f"q{i}", f"a{i}", f"q{i} again", f"a{i} again")
+            f.write(orjson.dumps(row(*turns, id=f"r{i}")) + b"\n")
+        f.write(b"\n")  # a blank line at the end is skipped
+
+
+def test_run_streams_in_blocks_and_workers_give_the_same_file(tmp_path, monkeypatch):
+    clean_file(tmp_path / "clean.jsonl", 5000)
+    assert fmt.run(tmp_path / "clean.jsonl", tmp_path / "one.jsonl", TemplateParams(name="alpaca"), None) == 5000
+    monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fmt, "block_spans", functools.partial(jsonl.block_spans, size=2048))
+    assert fmt.run(tmp_path / "clean.jsonl", tmp_path / "two.jsonl", TemplateParams(name="alpaca"), None) == 5000
+    assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+    rows = [orjson.loads(line) for line in (tmp_path / "two.jsonl").read_bytes().splitlines()]
+    assert [r["id"] for r in rows] == [f"r{i}" for i in range(5000)]
+    assert rows[3]["completion"] == "a3 again" and "q3" in rows[3]["prompt"]
+
+
+def test_format_rows_is_lazy():
+    def rows():
+        yield row("q", "a")
+        raise AssertionError("read past the first row")
+
+    assert next(fmt.format_rows(rows(), TemplateParams(name="qa"), None))["completion"] == " a"
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_failure_mid_stage_leaves_the_previous_output_untouched(tmp_path, monkeypatch, parallel):
+    clean_file(tmp_path / "clean.jsonl", 3000)
+    out = tmp_path / "prompts.jsonl"
+    out.write_text("previous prompts\n")
+    if parallel:
+        monkeypatch.setattr(fmt, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(fmt, "block_spans", functools.partial(jsonl.block_spans, size=4096))
+    real = fmt.render_qa
+
+    def render_qa(context, system):
+        if context[0]["content"] == "q2500":
+            raise RuntimeError("disk on fire")
+        return real(context, system)
+
+    monkeypatch.setattr(fmt, "render_qa", render_qa)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        fmt.run(tmp_path / "clean.jsonl", out, TemplateParams(name="qa"), None)
+    assert out.read_text() == "previous prompts\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "prompts.jsonl"]

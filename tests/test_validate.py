@@ -1,10 +1,12 @@
+import functools
 import json
+import tracemalloc
 from pathlib import Path
 
 import orjson
 import pytest
 
-from stages import validate
+from stages import jsonl, validate
 from stages.errors import StageError
 from stages.params import DataParams, ValidateParams
 
@@ -142,3 +144,72 @@ def test_shipped_sample_data_has_a_few_rejects_and_clean_eval(tmp_path):
     assert {r["reason"] for r in rejects} >= {"invalid_json", "not_an_object", "schema", "empty_field", "duplicate"}
     _, rejects, s = run_lines(tmp_path, (ROOT / "data/raw/eval.jsonl").read_bytes(), limits=ValidateParams())
     assert s["rejected"] == 0 and s["kept"] >= 40
+
+
+def many_rows(n: int, start: int = 0) -> bytes:
+    """n distinct qa rows, with a duplicate and a bad line every 97 and 101 rows."""
+    lines = []
+    for i in range(start, start + n):
+        lines.append(b'{"input": "question %d about the hub", "output": "answer %d: hold the button"}' % (i, i))
+        if i % 97 == 0:
+            lines.append(b'{"input": "question %d about the hub", "output": "answer 0: hold the button"}' % (i - i % 1000))
+        if i % 101 == 0:
+            lines.append(b'{"input": "broken %d"' % i)
+    return b"\n".join(lines) + b"\n"
+
+
+def test_workers_and_blocks_give_the_same_files_as_one_process(tmp_path, monkeypatch):
+    data = many_rows(3000) + b"\xef\xbb\xbf\n" + b"\r\n".join(HOSTILE) + b"\n" + many_rows(500)
+    _, _, s1 = run_lines(tmp_path, data)
+    files1 = [(tmp_path / n).read_bytes() for n in ("clean.jsonl", "rejects.jsonl")]
+    # many small blocks in two worker processes: duplicates across blocks, rejects in line order
+    monkeypatch.setattr(validate, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(validate, "block_spans", functools.partial(jsonl.block_spans, size=4096))
+    _, rejects2, s2 = run_lines(tmp_path, data)
+    assert s1 == s2 and [(tmp_path / n).read_bytes() for n in ("clean.jsonl", "rejects.jsonl")] == files1
+    assert [r["line"] for r in rejects2] == sorted(r["line"] for r in rejects2)
+    dups = [r for r in rejects2 if r["reason"] == "duplicate"]
+    assert len(dups) > 500 and len({r["line"] // 300 for r in dups}) > 10  # across many blocks
+    lines = data.split(b"\n")
+    assert all(lines[r["line"] - 1].rstrip(b"\r").decode("utf-8", "replace") == r["raw"] for r in rejects2)
+    assert s2["kept"] + s2["rejected"] + s2["blank"] == s2["lines"] == len(lines) - 1
+
+
+def explode_on(marker: str):
+    real = validate.check_row
+
+    def check_row(raw, *a, **k):
+        if marker.encode() in raw:
+            raise RuntimeError("disk on fire")
+        return real(raw, *a, **k)
+
+    return check_row
+
+
+def test_failure_in_a_worker_leaves_previous_outputs_untouched(tmp_path, monkeypatch):
+    raw, out, rej = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl", tmp_path / "rej.jsonl"
+    raw.write_bytes(many_rows(3000))
+    out.write_text("previous clean\n")
+    rej.write_text("previous rejects\n")
+    monkeypatch.setattr(validate, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(validate, "block_spans", functools.partial(jsonl.block_spans, size=4096))
+    monkeypatch.setattr(validate, "check_row", explode_on("question 2500 "))  # workers are forked: they see it
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        validate.run(raw, out, rej, None, DataParams(), LOOSE)
+    assert out.read_text() == "previous clean\n" and rej.read_text() == "previous rejects\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.jsonl", "raw.jsonl", "rej.jsonl"]
+
+
+def test_memory_stays_flat_as_the_input_grows(tmp_path, monkeypatch):
+    """Streaming: 4x the rows costs no more Python memory than the de-duplication index, 8 bytes a
+    row (16 while its runs merge); a set of row hashes would take ~90."""
+    monkeypatch.setattr(validate, "block_spans", functools.partial(jsonl.block_spans, size=64 << 10))
+    peaks = {}
+    for n in (10_000, 40_000):
+        raw = tmp_path / f"raw{n}.jsonl"
+        raw.write_bytes(many_rows(n))
+        tracemalloc.start()
+        validate.run(raw, tmp_path / "clean.jsonl", tmp_path / "rej.jsonl", None, DataParams(), LOOSE)
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[40_000] - peaks[10_000] < 30_000 * 24 + (256 << 10), peaks

@@ -1,0 +1,111 @@
+import gc
+import itertools
+import os
+
+import pytest
+
+from stages import jsonl
+
+
+def blocks_of(path, size):
+    return [jsonl.read_span(path, offset, length) for offset, length in jsonl.block_spans(path, size)]
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, 4096, 1 << 20])
+def test_block_spans_cover_the_file_in_whole_lines(tmp_path, size):
+    lines = [b'{"a": %d}' % i + b"x" * (i % 37) for i in range(500)]
+    data = b"\n".join(lines[:250]) + b"\r\n" + b"\n".join(lines[250:])  # a CRLF and no final newline
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(data)
+    blocks = blocks_of(f, size)
+    assert b"".join(blocks) == data and all(b.endswith(b"\n") for b in blocks[:-1])
+    assert all(len(b) >= size for b in blocks[:-1])
+    if size == 100:
+        assert len(blocks) > 50
+    with open(f, "rb") as fh:  # the same lines as iterating the file, without their b"\n"
+        by_iteration = [line.rstrip(b"\n") for line in fh]
+    assert [line for b in blocks for line in jsonl.block_lines(b)] == by_iteration
+
+
+def test_block_spans_keep_a_line_longer_than_the_block_whole(tmp_path):
+    f = tmp_path / "in.jsonl"
+    f.write_bytes(b"short\n" + b"y" * 200_000 + b"\n\nlast\n")
+    blocks = blocks_of(f, 64)
+    assert [line for b in blocks for line in jsonl.block_lines(b)] == [b"short", b"y" * 200_000, b"", b"last"]
+    assert blocks[0] == b"short\n" + b"y" * 200_000 + b"\n"  # the cut at byte 64 moved to the line's end
+    assert [len(b) for b in blocks_of(f, 1)] == [6, 200_001, 1, 5]  # a line a block
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    assert list(jsonl.block_spans(tmp_path / "empty.jsonl")) == []
+
+
+def _square(x):
+    return x * x
+
+
+def _fail_on_three(x):
+    if x == 3:
+        raise ValueError("three")
+    return x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_ordered_keeps_order_and_reads_ahead_a_bounded_number(workers):
+    pulled = []
+
+    def tasks():
+        for i in range(20):
+            pulled.append(i)
+            yield (i,)
+
+    results = jsonl.map_ordered(_square, tasks(), workers, in_flight=3)
+    assert next(results) == ((0,), 0) and len(pulled) <= 3  # streaming: not the whole input read first
+    assert [r for _, r in results] == [i * i for i in range(1, 20)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_ordered_raises_the_workers_error(workers):
+    with pytest.raises(ValueError, match="three"):
+        list(jsonl.map_ordered(_fail_on_three, ((i,) for i in range(10)), workers))
+
+
+def test_atomic_writer_keeps_the_previous_file_on_error_and_leaves_no_litter(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("previous\n")
+    with pytest.raises(RuntimeError), jsonl.atomic_writer(out) as f:
+        f.write(b"half of a new fi")
+        raise RuntimeError("interrupted")
+    assert out.read_text() == "previous\n" and os.listdir(tmp_path) == ["out.jsonl"]
+    jsonl.write_jsonl(out, [{"a": 1}])
+    assert out.read_bytes() == b'{"a":1}\n' and os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_atomic_path_replaces_a_directory_only_on_success(tmp_path):
+    out = tmp_path / "dataset"
+    out.mkdir()
+    (out / "old.arrow").write_text("old")
+    with pytest.raises(RuntimeError), jsonl.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.arrow").write_text("half")
+        raise RuntimeError("interrupted")
+    assert os.listdir(out) == ["old.arrow"] and os.listdir(tmp_path) == ["dataset"]
+    with jsonl.atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "new.arrow").write_text("new")
+    assert os.listdir(out) == ["new.arrow"] and os.listdir(tmp_path) == ["dataset"]
+
+
+def test_gc_paused_restores_the_collector():
+    assert gc.isenabled()
+    with jsonl.gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(KeyError), jsonl.gc_paused():
+        raise KeyError
+    assert gc.isenabled()
+
+
+def test_block_lines_of_blank_and_final_lines():
+    assert jsonl.block_lines(b"\n") == [b""]
+    assert jsonl.block_lines(b"a\n\n") == [b"a", b""]
+    assert jsonl.block_lines(b"a\nb") == [b"a", b"b"]
+    assert list(itertools.chain.from_iterable(map(jsonl.block_lines, [b"a\r\n", b"b"]))) == [b"a\r", b"b"]
