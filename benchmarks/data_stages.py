@@ -335,8 +335,17 @@ def vm_hwm_mb(pid: int | str = "self") -> float:
     return 0.0
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine has spent busy (all processes, all cores), and time stolen from it."""
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+
+
 def run_child(spec: dict, workdir: Path) -> dict:
-    """Runs `child(spec)` in a new interpreter; adds process wall time and memory peaks."""
+    """Runs `child(spec)` in a new interpreter; adds process wall time, memory peaks, and how much of
+    the machine other work took meanwhile (busy CPU time not ours, in cores: 0 = a quiet machine)."""
     import psutil
 
     result_path = workdir / f"result-{spec['stage']}-{spec['tag']}.json"
@@ -344,6 +353,7 @@ def run_child(spec: dict, workdir: Path) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "true", "HF_DATASETS_CACHE": str(workdir / "hf-cache"),
            "HF_HUB_OFFLINE": "1"}
     log = workdir / f"log-{spec['stage']}-{spec['tag']}.txt"
+    busy0, own0 = busy_cpu_seconds(), time.process_time()
     t0 = time.perf_counter()
     with open(log, "wb") as log_file:  # a file, not a pipe: a chatty child must not block on a full pipe
         proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=env,
@@ -366,16 +376,19 @@ def run_child(spec: dict, workdir: Path) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    _, status, _ = os.wait4(proc.pid, 0)
+    _, status, usage = os.wait4(proc.pid, 0)  # usage: the child's CPU time, its workers' included
     wall = time.perf_counter() - t0
     stop.set()
     sampler.join()
+    ours = usage.ru_utime + usage.ru_stime + time.process_time() - own0
+    others = max(0.0, busy_cpu_seconds() - busy0 - ours) / wall
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         tail = log.read_text(errors="replace")[-3000:]
         raise SystemExit(f"{spec['stage']} ({spec['tag']}) failed ({proc.returncode}):\n{tail}")
     out = json.loads(result_path.read_text())
-    out.update(process_seconds=wall, peak_tree_rss_mb=peak["tree_rss"] / 2**20)
+    out.update(process_seconds=wall, peak_tree_rss_mb=peak["tree_rss"] / 2**20, cpu_seconds=ours,
+               other_load_cores=others)
     return out
 
 
@@ -479,19 +492,24 @@ def table(report: dict) -> str:
         f"command: {report['command']}",
         f"load: {report['load']}",
         "",
-        f"{'stage':<10} {'rows':>11} {'rows/s':>10} {'stage s':>8} {'process s':>9} {'peak RSS MB':>11} {'main proc':>10}",
+        (f"{'stage':<10} {'rows':>11} {'rows/s':>10} {'stage s':>8} {'process s':>9} {'peak RSS MB':>11} "
+         f"{'main proc':>10} {'others':>7}"),
     ]
     for tag in runs:
         for stage in ("validate", "format", "tokenize"):
             r = runs[tag][stage]
             rows = r["rows_in"]
             lines.append(f"{stage + ' ' + tag:<10} {rows:>11,} {rows / r['seconds']:>10,.0f} {r['seconds']:>8.1f} "
-                         f"{r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} {r['vm_hwm_mb']:>10.0f}")
+                         f"{r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} {r['vm_hwm_mb']:>10.0f} "
+                         f"{r['other_load_cores']:>7.2f}")
         total = sum(runs[tag][s]["process_seconds"] for s in ("validate", "format", "tokenize"))
         peak = max(runs[tag][s]["peak_tree_rss_mb"] for s in ("validate", "format", "tokenize"))
         lines.append(f"{'total ' + tag:<10} {runs[tag]['validate']['rows_in']:>11,} "
                      f"{runs[tag]['validate']['rows_in'] / total:>10,.0f} {'':>8} {total:>9.1f} {peak:>11.0f}")
         lines.append("")
+    lines.append("peak RSS: the largest sum over the stage's process tree (workers included, shared pages counted "
+                 "twice); main proc: its main process alone (VmHWM); others: cores busy with other work meanwhile")
+    lines.append("")
     eb, ef = bare["encode_batch"], bare["encode_batch_fast"]
     lines.append(f"bare tokenizer on the same {eb['rows']:,} texts ({eb['tokens'] / eb['rows']:.0f} tokens a row): "
                  f"encode_batch {eb['rows_per_s']:,.0f} rows/s ({eb['tokens'] / eb['seconds']:,.0f} tokens/s), "
@@ -505,7 +523,7 @@ def table(report: dict) -> str:
             r = base[stage]
             lines.append(f"{stage + ' naive':<10} {r['rows_in']:>11,} {r['rows_in'] / r['seconds']:>10,.0f} "
                          f"{r['seconds']:>8.1f} {r['process_seconds']:>9.1f} {r['peak_tree_rss_mb']:>11.0f} "
-                         f"{r['vm_hwm_mb']:>10.0f}")
+                         f"{r['vm_hwm_mb']:>10.0f} {r['other_load_cores']:>7.2f}")
         total = sum(base[s]["process_seconds"] for s in ("validate", "format", "tokenize"))
         lines.append(f"{'total naive':<10} {base['loaded_rows']:>11,} {base['loaded_rows'] / total:>10,.0f} "
                      f"{'':>8} {total:>9.1f}")
@@ -566,8 +584,8 @@ def main() -> int:
             report["runs"][tag] = run
             report["accounting"][tag] = accounting(run, planted["n" if tag == "N" else "2n"], size)
         print("bare tokenizer ...", file=sys.stderr)
-        report["bare_tokenizer"] = run_child({"stage": "bare", "tag": "N", "paths": {
-            "prompts": str(work / "N" / "prompts.jsonl")}}, work)["result"]
+        bare = run_child({"stage": "bare", "tag": "N", "paths": {"prompts": str(work / "N" / "prompts.jsonl")}}, work)
+        report["bare_tokenizer"] = {**bare["result"], "other_load_cores": bare["other_load_cores"]}
         if not args.no_baseline:
             print("naive baseline ...", file=sys.stderr)
             d = work / "naive"
@@ -625,9 +643,13 @@ def main() -> int:
     report["ratios"], report["goals"] = ratios, goals
     report["busy_at_end"], report["loadavg_at_end"] = busy(), os.getloadavg()
     others = sorted(set(report["busy_at_start"] + report["busy_at_end"]))
-    report["load"] = (f"loadavg {report['loadavg_at_start'][0]:.2f} at start, {report['loadavg_at_end'][0]:.2f} at end; "
-                      + (f"UNDER LOAD, other work seen: {'; '.join(o[:80] for o in others)}" if others
-                         else "no other test suite or training seen running"))
+    children = [r for run in runs.values() for r in (run["validate"], run["format"], run["tokenize"])]
+    children += [report["baseline"][s] for s in ("validate", "format", "tokenize")] if "baseline" in report else []
+    worst = max([r["other_load_cores"] for r in children] + [bare["other_load_cores"]])
+    report["load"] = (f"other work took up to {worst:.2f} cores during a step (0 = a quiet machine); "
+                      f"loadavg {report['loadavg_at_start'][0]:.2f} at start, {report['loadavg_at_end'][0]:.2f} at end"
+                      + ("; UNDER LOAD" if worst > 0.25 or others else "")
+                      + (f"; other work seen: {'; '.join(o[:80] for o in others)}" if others else ""))
     text = table(report)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
