@@ -127,7 +127,11 @@ def relaunch_under_accelerate(config: str) -> bool:
 
 class ThroughputLog(TrainerCallback):
     """Adds tokens/s to every log line, and times each optimizer step (CUDA synchronised) for the
-    steady-state figures in metrics/train.json."""
+    steady-state figures in metrics/train.json, the set-up (loading, quantising, wrapping) and the
+    first steps (which pay for kernel compilation: flex_attention's takes a minute or more)."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kw):
         self.marks = [(time.perf_counter(), state.num_input_tokens_seen)]  # then one per step end
@@ -152,7 +156,9 @@ class ThroughputLog(TrainerCallback):
         steps = len(self.marks) - 1
         skip = min(10, steps // 4)
         t_skip, n_skip = self.marks[skip]
-        out = {"tokens_per_s": round((n_last - n_first) / max(t_last - t_first, 1e-9), 1)}
+        out = {"tokens_per_s": round((n_last - n_first) / max(t_last - t_first, 1e-9), 1),
+               "setup_seconds": round(t_first - self.started, 1),
+               "first_steps_seconds": [round(b[0] - a[0], 2) for a, b in zip(self.marks[:10], self.marks[1:11])]}
         if steps > skip:
             out.update(tokens_per_s_steady=round((n_last - n_skip) / max(t_last - t_skip, 1e-9), 1),
                        step_seconds_steady=round((t_last - t_skip) / (steps - skip), 4),
@@ -191,14 +197,35 @@ def setup_wandb(params: Params, record: dict) -> list[str]:
     return ["wandb"]
 
 
+def trainable_model(base: Path, params: Params, quantized: bool):
+    """The base model (4-bit when `quantized`) with LoRA adapters, ready for the Trainer."""
+    from peft import LoraConfig, get_peft_model
+
+    from stages.modeling import load_base_model
+
+    model = load_base_model(base, params.model, quantize=quantized)
+    model.config.use_cache = False
+    if params.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    target = params.lora.target_modules
+    model = get_peft_model(model, LoraConfig(
+        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+        target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", params.lora.r, f"{trainable:,}", f"{total:,}",
+             100 * trainable / total)
+    return model
+
+
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
         checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
     import datasets
-    from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
-    from stages.modeling import load_base_model, load_tokenizer, use_4bit
+    from stages.modeling import load_tokenizer, use_4bit
 
+    throughput = ThroughputLog()
     if not train_data.exists():
         raise StageError(f"{train_data}: no tokenized train split (run `finetune tokenize` or `dvc repro`)")
     t, seed = params.train, params.seed
@@ -212,18 +239,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
 
     quantized = use_4bit(params.model)
     tokenizer = load_tokenizer(base)
-    model = load_base_model(base, params.model, quantize=quantized)
-    model.config.use_cache = False
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    target = params.lora.target_modules
-    model = get_peft_model(model, LoraConfig(
-        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-        target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", params.lora.r, f"{trainable:,}", f"{total:,}",
-             100 * trainable / total)
+    model = trainable_model(base, params, quantized)
+    trainable, _ = model.get_nb_trainable_parameters()
 
     record = lineage.build(params, base_meta, lineage_data, ids)
     run_id = fingerprint(params, train_data, base_meta)
@@ -264,7 +281,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, callbacks=[throughput := ThroughputLog()] + ([sync] if sync else []))
+                      data_collator=collator, callbacks=[throughput] + ([sync] if sync else []))
     result = trainer.train(resume_from_checkpoint=resume)
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
