@@ -1,8 +1,8 @@
 """Loading the base model, shared by train, evaluate and merge (hardware policy from DESIGN.md).
 
 - CUDA: compute in bfloat16; `model.quantize: auto|4bit` loads NF4 + double quantisation with
-  `bnb_4bit_quant_storage=bfloat16`, so that FSDP can shard the quantised weights. Under several
-  processes (accelerate/FSDP) there is no `device_map`: accelerate places the shards.
+  `bnb_4bit_quant_storage=bfloat16`, so that FSDP can shard the quantised weights. Under FSDP there
+  is no `device_map` (accelerate places the shards); under DDP each rank loads onto its own GPU.
 - CPU: compute in float32 (bf16 is ~10x slower on CPUs); `auto` means no quantisation there, and
   `4bit` runs bitsandbytes' CPU kernels with float32 compute.
 """
@@ -57,6 +57,11 @@ def distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def under_fsdp() -> bool:
+    """Launched by `accelerate launch` with an FSDP config (it sets this variable for every rank)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def load_tokenizer(base: Path):
     from transformers import AutoTokenizer
 
@@ -92,6 +97,8 @@ def load_base_model(base: Path, params: ModelParams, quantize: bool | None = Non
         )
     if torch.cuda.is_available() and not distributed():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif torch.cuda.is_available() and not under_fsdp():  # DDP: every rank holds the whole model on its GPU
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif quantize and not torch.cuda.is_available():
         kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(where, **kwargs)

@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 from stages import lineage
 from stages.errors import StageError
 from stages.jsonl import atomic_path, file_md5, write_json
-from stages.modeling import read_base_json
+from stages.modeling import read_base_json, under_fsdp
 from stages.params import Params, as_dict, load_params
 
 log = logging.getLogger("finetune")
@@ -251,7 +251,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         log.info("resuming from %s (same data, params and base as the interrupted run)", resume)
     on_cuda = torch.cuda.is_available()
     optimizer = t.optimizer
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and "8bit" in optimizer:
+    if under_fsdp() and "8bit" in optimizer:
         # bitsandbytes' 8-bit optimizers cannot step FSDP2's sharded DTensor parameters; the LoRA
         # parameters are few (85M for 7B at r=32), so full-precision AdamW states cost little.
         log.info("FSDP: train.optimizer=%s does not support sharded parameters; using adamw_torch_fused", optimizer)
