@@ -7,7 +7,7 @@
 Each row is tokenized as prompt + completion in one pass (the tokenizer sees the real text, so no
 artefact at the seam), and the character offsets split the tokens: labels are -100 on the prompt
 (unless `tokenize.train_on_prompt`), the completion's ids otherwise, and EOS is appended as a trained
-token. Over `tokenize.max_length` tokens: `drop` rejects the row; `truncate` cuts the prompt from the
+token (unless the completion already ends with it, as chat templates render it). Over `tokenize.max_length` tokens: `drop` rejects the row; `truncate` cuts the prompt from the
 LEFT (the newest context and the whole answer stay). A completion that does not fit even without a
 prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
 
@@ -136,17 +136,21 @@ def tokenize_batch(rows: list[dict], tokenizer, eos_id: int, params: TokenizePar
     kept, rejects, counts = [], [], Counter()
     texts = [r["prompt"] + r["completion"] for r in rows]
     keep_head = 1 if lay.head else 0  # keep BOS
+    eos_text = tokenizer.id_to_token(eos_id)
     for row, text, enc in zip(rows, texts, tokenizer.encode_batch(texts)):
         ids, cut = enc.ids, len(row["prompt"])
+        # A chat template already closes the answer with the end token (`...<|im_end|>\n`): no second one.
+        ended = row["completion"].rstrip().endswith(eos_text)
         n_prompt = first_answer_token(enc, cut, len(text), lay)
         if n_prompt is not None:
             flags = None
-            ids.append(eos_id)
+            if not ended:
+                ids.append(eos_id)
         else:
             flags = answer_flags(enc, cut)
             if ids and ids[-1] == eos_id and enc.special_tokens_mask[-1]:  # the post-processor already ended it
                 flags[-1] = True
-            else:
+            elif not ended:
                 ids, flags = ids + [eos_id], flags + [True]
             n_prompt = flags.index(True) if True in flags else len(ids)
         reason = None

@@ -57,6 +57,8 @@ def test_repro_builds_every_output_and_is_a_noop_the_second_time(project):
     assert v["kept"] + v["rejected"] + v["blank"] == v["lines"] and v["rejected"] > 0
     train = json.loads((project / "metrics/train.json").read_text())
     assert train["steps"] == 6 and train["quantized_4bit"] is False and train["tokens_per_s"] > 0
+    assert len(train["first_steps_seconds"]) == 6 and all(s > 0 for s in train["first_steps_seconds"])
+    assert train["setup_seconds"] > 0  # loading the model and wrapping it, before step 1
     assert "eval_loss_last" in train
     ev = json.loads((project / "metrics/eval.json").read_text())
     for key in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l"):

@@ -32,6 +32,15 @@ def test_prompt_masked_answer_trained_and_eos_appended(tiny_base):
     assert stats["trained_tokens"] == len(trained)
 
 
+def test_chat_completion_already_ended_gets_no_second_eos(tiny_base):
+    rows = [{"id": "c", "prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+             "completion": "Hello there.<|im_end|>\n"}]
+    [out], rejects, _, tokenizer, eos = tokenize(tiny_base, rows)
+    assert not rejects and out["input_ids"].count(eos) == 2  # the user turn's and the answer's, nothing appended
+    trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
+    assert tokenizer.decode(trained, skip_special_tokens=False) == "Hello there.<|im_end|>\n"
+
+
 def test_train_on_prompt_labels_everything(tiny_base):
     [out], *_ = tokenize(tiny_base, [{"id": "a", "prompt": "Q: hi\n A:", "completion": " yes"}], train_on_prompt=True)
     assert out["labels"] == out["input_ids"]
@@ -88,7 +97,7 @@ def reference_rows(rows, tokenizer, eos_id, params):
         in_answer = [s == 0 and start >= cut for (start, _), s in zip(offsets, special)]
         if ids and ids[-1] == eos_id and special[-1]:
             in_answer[-1] = True
-        else:
+        elif not row["completion"].rstrip().endswith(tokenizer.id_to_token(eos_id)):
             ids, in_answer = ids + [eos_id], in_answer + [True]
         n_prompt = in_answer.index(True) if True in in_answer else len(ids)
         reason = None
