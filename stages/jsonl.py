@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import glob
 import hashlib
 import multiprocessing
 import os
@@ -130,10 +131,12 @@ def map_ordered(fn: Callable[..., T], tasks: Iterable[tuple], workers: int, in_f
 def atomic_path(path: Path | str) -> Iterator[Path]:
     """Yields a temporary path beside `path` (file or directory), in a temporary directory that also
     takes any scratch files; moves it onto `path` on success, by rename. On an exception nothing at
-    `path` changes and the temporary directory goes."""
+    `path` changes and the temporary directory goes; one left by a killed run goes at the next."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a run that was killed (SIGKILL)
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent)) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():  # a directory cannot be replaced: move the old one

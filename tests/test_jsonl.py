@@ -94,6 +94,19 @@ def test_atomic_path_replaces_a_directory_only_on_success(tmp_path):
     assert os.listdir(out) == ["new.arrow"] and os.listdir(tmp_path) == ["dataset"]
 
 
+def test_atomic_path_removes_what_a_killed_run_left(tmp_path):
+    out = tmp_path / "adapter"
+    stale = tmp_path / ".adapter.tmpk1ll3d" / "adapter"  # as a run killed mid-write leaves it
+    stale.mkdir(parents=True)
+    (stale / "weights.bin").write_bytes(b"x" * 1000)
+    other = tmp_path / ".adapter2.tmpabcdef"  # another output's: not touched
+    other.mkdir()
+    with jsonl.atomic_path(out) as tmp:
+        tmp.mkdir()
+    assert out.is_dir() and not stale.parent.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter2.tmpabcdef", "adapter"]
+
+
 def test_gc_paused_restores_the_collector():
     assert gc.isenabled()
     with jsonl.gc_paused():
