@@ -404,7 +404,7 @@ def machine() -> dict:
     mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
                 if line.startswith("MemTotal")), None) if Path("/proc/meminfo").exists() else None
     versions = {}
-    for lib in ("orjson", "fastjsonschema", "jsonschema", "numpy", "pyarrow", "tokenizers", "datasets",
+    for lib in ("orjson", "jsonschema", "numpy", "pyarrow", "tokenizers", "datasets",
                 "transformers", "psutil"):
         try:
             versions[lib] = md.version(lib)
