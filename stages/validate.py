@@ -272,8 +272,9 @@ class SeenKeys:
         if new.any():
             self.runs.append(unique[new])
         while len(self.runs) > 1 and len(self.runs[-2]) <= 2 * len(self.runs[-1]):
-            last = self.runs.pop()  # two sorted runs: a stable sort merges them in linear time
-            self.runs[-1] = np.sort(np.concatenate([self.runs[-1], last]), kind="stable")
+            merged = np.concatenate([self.runs[-2], self.runs.pop()])
+            merged.sort(kind="stable")  # two sorted runs: merged in linear time, in place (no third copy)
+            self.runs[-1] = merged
         return fresh
 
 
