@@ -38,13 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import hf_baseline as hb  # noqa: E402
-from train_throughput import prepare  # noqa: E402
-
-OUT = Path(os.environ.get("OUT") or HERE / "results")
-
-
-def log(*a):
-    print(*a, flush=True)
+from train_throughput import OUT, log, prepare  # noqa: E402
 
 
 def write_params(work: Path, model_dir: str, rows: int, steps: int, attn: str, launch: str = "auto",
