@@ -7,8 +7,9 @@
 Each row is tokenized as prompt + completion in one pass (the tokenizer sees the real text, so no
 artefact at the seam), and the character offsets split the tokens: labels are -100 on the prompt
 (unless `tokenize.train_on_prompt`), the completion's ids otherwise, and EOS is appended as a trained
-token (unless the completion already ends with it, as chat templates render it). Over `tokenize.max_length` tokens: `drop` rejects the row; `truncate` cuts the prompt from the
-LEFT (the newest context and the whole answer stay). A completion that does not fit even without a
+token (unless the completion already ends with it, as chat templates render it). Over
+`tokenize.max_length` tokens: `drop` rejects the row; `truncate` cuts the prompt from the LEFT (the
+newest context and the whole answer stay). A completion that does not fit even without a
 prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
 
 Streaming and speed: the prompts file is cut into blocks of whole lines (~8 MB, ~25k rows); each block
