@@ -119,6 +119,8 @@ def main() -> None:
     check = reload_check(work)
     check["evaluate_stage_tuned_loss"] = ev["tuned_loss"]
     check["abs_diff"] = abs(check["reloaded_adapter_eval_loss"] - ev["tuned_loss"])
+    if "eval_loss_last" in train:  # --set train.eval_steps=N: the training processes' own (maybe sharded) model
+        check["train_stage_final_eval_loss"] = train["eval_loss_last"]
     result = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0),
               "command": " ".join(["python", "benchmarks/gpu_pipeline.py", *sys.argv[1:]]),
               "versions": {m: __import__(m).__version__ for m in ("torch", "transformers", "peft", "bitsandbytes")},
@@ -139,6 +141,9 @@ def main() -> None:
     print(f"merge parity: max |dlogit| {parity['max_abs_diff']:.3f}, top-1 agreement {parity['top1_agreement']:.2%}")
     print(f"adapter reloaded by plain transformers+peft: eval loss {check['reloaded_adapter_eval_loss']:.4f} vs "
           f"evaluate stage {ev['tuned_loss']:.4f} (|diff| {check['abs_diff']:.4f})")
+    if "train_stage_final_eval_loss" in check:
+        print(f"eval loss the train stage measured on its own model at the last step (world size "
+              f"{train.get('world_size', 1)}): {check['train_stage_final_eval_loss']:.4f}")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,13 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, callbacks=[throughput] + ([sync] if sync else []))
+    if under_fsdp() and on_cuda and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
+        # accelerate's FSDP2 default casts the model's outputs (so the loss) to bf16 and reduces the LoRA
+        # gradients in bf16: compute in bf16, but reduce in float32 and leave the float32 loss alone.
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        trainer.accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     result = trainer.train(resume_from_checkpoint=resume)
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
