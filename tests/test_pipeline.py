@@ -75,7 +75,6 @@ def test_repro_builds_every_output_and_is_a_noop_the_second_time(project):
 
 
 def test_merged_model_loads_with_plain_transformers_and_generates(project):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     merged = project / "models/merged"
