@@ -221,7 +221,8 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
         checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
     import datasets
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments,
+                              set_seed)
 
     from stages.modeling import load_tokenizer, use_4bit
 
@@ -239,6 +240,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
 
     quantized = use_4bit(params.model)
     tokenizer = load_tokenizer(base)
+    set_seed(seed)  # before the LoRA A matrices are drawn: the same seed gives the same adapter
     model = trainable_model(base, params, quantized)
     trainable, _ = model.get_nb_trainable_parameters()
 

@@ -114,6 +114,15 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
         restore(project)
 
 
+def test_retraining_with_the_same_data_params_and_seed_gives_the_same_adapter_bytes(project):
+    weights = project / "models/adapter/adapter_model.safetensors"
+    before = weights.read_bytes()
+    proc = sh("dvc repro --force --single-item train", project)
+    assert STAGES_RUN.findall(proc.stdout) == ["train"]
+    assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
+    restore(project)
+
+
 def test_exp_run_4bit_on_cpu_and_exp_show(project):
     proc = sh("dvc exp run -n qlora-cpu -S model.quantize=4bit -S train.learning_rate=0.002", project)
     assert "train" in STAGES_RUN.findall(proc.stdout)
