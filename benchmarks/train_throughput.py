@@ -12,7 +12,7 @@ What runs (each in its own process, so peak memory is clean), on the same model 
   2. ours: the pipeline's own code — `import_base` on that model directory, the same samples written
      as a tokenized split, and `stages.train.run` with params from configs/params-mistral7b-gpu.yaml
      (4-bit NF4 + double quant + bf16, LoRA r=32 all-linear + lm_head, paged AdamW 8-bit), once per
-     `--ours` entry "ROWS_PER_STEP:ATTENTION".
+     `--ours` entry "ROWS_PER_STEP:ATTENTION[:nogc]" (nogc: train.gradient_checkpointing false).
 Prints one table (s/step, real tokens/s, peak GiB, MFU on the 4N basis vs the measured matmul peak,
 final loss) and the ratios, and writes $OUT (or benchmarks/results/) train_throughput.json.
 Samples: lognormal lengths (median 220, sigma 0.6) clipped to [32, 512], token ids uniform, labels =
@@ -83,7 +83,9 @@ def cmd_ours(a) -> None:
     from stages import train
     from stages.params import as_dict, load_params, parse_params
 
-    rows, attn = a.config.split(":")
+    rows, attn, *flags = a.config.split(":")
+    nogc = "nogc" in flags
+    tag = f"{rows}_{attn}" + ("_nogc" if nogc else "")
     work = Path(a.work)
     base, data = prepare(work, a.model_dir)
     lengths, _ = hb.make_lengths()
@@ -92,16 +94,17 @@ def cmd_ours(a) -> None:
     p = as_dict(load_params(ROOT / "configs/params-mistral7b-gpu.yaml"))
     p["model"].update(source=a.model_dir, revision=None, attn_implementation=attn)
     p["train"].update(batch_size=int(rows), max_steps=a.steps, save_steps=10**6, eval_steps=0, logging_steps=1,
-                      warmup_ratio=0.0, accelerate_config="none")
+                      warmup_ratio=0.0, accelerate_config="none", gradient_checkpointing=not nogc)
     p["wandb"]["mode"] = "disabled"
     params = parse_params(p, "benchmark")
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    m = train.run(data, None, base, work / f"adapter-{rows}-{attn}", work / f"train-{rows}-{attn}.json",
-                  work / f"plots-{rows}-{attn}", work / "checkpoints", [raw], params)
+    m = train.run(data, None, base, work / f"adapter-{tag}", work / f"train-{tag}.json",
+                  work / f"plots-{tag}", work / "checkpoints", [raw], params)
     wall = time.perf_counter() - t0
     per_token = hb.useful_flops(lengths.tolist(), a.layers) / float(lengths.sum())  # dataset average
-    res = {"variant": f"ours_{rows}rows_{attn}", "rows_per_step": int(rows), "attn": attn, "status": "ok",
+    res = {"variant": f"ours_{rows}rows_{attn}" + ("_nogc" if nogc else ""), "rows_per_step": int(rows), "attn": attn,
+           "gradient_checkpointing": not nogc, "status": "ok",
            "s_per_step": m["step_seconds_steady"], "real_tok_per_s": m["tokens_per_s_steady"],
            "real_tokens_per_step": m["tokens_per_s_steady"] * m["step_seconds_steady"],
            "useful_tflop_per_s": m["tokens_per_s_steady"] * per_token / 1e12,
@@ -109,7 +112,7 @@ def cmd_ours(a) -> None:
            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
            "train_loss": m["train_loss"], "final_loss": m["final_loss"], "steps": m["steps"],
            "timed_steps": m["steady_window"], "train_wall_s": wall}
-    hb.write_json(os.path.join(a.part_dir, f"ours_{rows}_{attn}.json"), res)
+    hb.write_json(os.path.join(a.part_dir, f"ours_{tag}.json"), res)
     log(f"[ours] {res['variant']}: {res['s_per_step']:.3f} s/step, {res['real_tok_per_s']:.0f} tok/s, "
         f"peak {res['peak_alloc_gib']:.1f} GiB, loss {res['final_loss']:.3f}")
 
@@ -189,8 +192,8 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=10)
     ap.add_argument("--baseline", default="A,B_flat_flex", help="hf_baseline.py variants to re-measure")
     ap.add_argument("--ours", default="64:flex_attention,32:flex_attention",
-                    help="our configs, ROWS_PER_STEP:ATTENTION, comma-separated")
-    ap.add_argument("--config", help="(ours) one ROWS:ATTENTION")
+                    help="our configs, ROWS_PER_STEP:ATTENTION[:nogc], comma-separated")
+    ap.add_argument("--config", help="(ours) one ROWS:ATTENTION[:nogc]")
     ap.add_argument("--budget-s", type=float, default=540)
     ap.add_argument("--model-dir", default="/tmp/mistral7b-random")
     ap.add_argument("--work", default="/tmp/train_throughput")
