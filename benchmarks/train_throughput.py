@@ -85,7 +85,8 @@ def cmd_ours(a) -> None:
 
     rows, attn, *flags = a.config.split(":")
     nogc = "nogc" in flags
-    tag = f"{rows}_{attn}" + ("_nogc" if nogc else "")
+    suffix = "_nogc" if nogc else ""
+    tag = f"{rows}_{attn}{suffix}"
     work = Path(a.work)
     base, data = prepare(work, a.model_dir)
     lengths, _ = hb.make_lengths()
@@ -103,7 +104,7 @@ def cmd_ours(a) -> None:
                   work / f"plots-{tag}", work / "checkpoints", [raw], params)
     wall = time.perf_counter() - t0
     per_token = hb.useful_flops(lengths.tolist(), a.layers) / float(lengths.sum())  # dataset average
-    res = {"variant": f"ours_{rows}rows_{attn}" + ("_nogc" if nogc else ""), "rows_per_step": int(rows), "attn": attn,
+    res = {"variant": f"ours_{rows}rows_{attn}{suffix}", "rows_per_step": int(rows), "attn": attn,
            "gradient_checkpointing": not nogc, "status": "ok",
            "s_per_step": m["step_seconds_steady"], "real_tok_per_s": m["tokens_per_s_steady"],
            "real_tokens_per_step": m["tokens_per_s_steady"] * m["step_seconds_steady"],
