@@ -200,6 +200,7 @@ def setup_wandb(params: Params, record: dict) -> list[str]:
 def trainable_model(base: Path, params: Params, quantized: bool):
     """The base model (4-bit when `quantized`) with LoRA adapters, ready for the Trainer."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     from stages.modeling import load_base_model
 
@@ -209,6 +210,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     target = params.lora.target_modules
+    set_seed(params.seed)  # the LoRA A matrices are drawn here: the same seed gives the same adapter
     model = get_peft_model(model, LoraConfig(
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
@@ -221,8 +223,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
         checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
     import datasets
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments,
-                              set_seed)
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
 
     from stages.modeling import load_tokenizer, use_4bit
 
@@ -240,7 +241,6 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
 
     quantized = use_4bit(params.model)
     tokenizer = load_tokenizer(base)
-    set_seed(seed)  # before the LoRA A matrices are drawn: the same seed gives the same adapter
     model = trainable_model(base, params, quantized)
     trainable, _ = model.get_nb_trainable_parameters()
 
