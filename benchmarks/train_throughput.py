@@ -12,7 +12,9 @@ What runs (each in its own process, so peak memory is clean), on the same model 
   2. ours: the pipeline's own code — `import_base` on that model directory, the same samples written
      as a tokenized split, and `stages.train.run` with params from configs/params-mistral7b-gpu.yaml
      (4-bit NF4 + double quant + bf16, LoRA r=32 all-linear + lm_head, paged AdamW 8-bit), once per
-     `--ours` entry "ROWS_PER_STEP:ATTENTION[:nogc]" (nogc: train.gradient_checkpointing false).
+     `--ours` entry "ROWS_PER_STEP:ATTENTION[:FLAG...]" (nogc: train.gradient_checkpointing false;
+     ck0.5: train.checkpoint_fraction 0.5; nodrop: lora.dropout 0; ROWS
+     as "16384t": micro-batches of at most 16,384 tokens, train.batch_tokens).
 Prints one table (s/step, real tokens/s, peak GiB, MFU on the 4N basis vs the measured matmul peak,
 final loss) and the ratios, and writes $OUT (or benchmarks/results/) train_throughput.json.
 Samples: lognormal lengths (median 220, sigma 0.6) clipped to [32, 512], token ids uniform, labels =
@@ -85,7 +87,8 @@ def cmd_ours(a) -> None:
 
     rows, attn, *flags = a.config.split(":")
     nogc = "nogc" in flags
-    suffix = "_nogc" if nogc else ""
+    fraction = next((float(f[2:]) for f in flags if f.startswith("ck")), 1.0)  # "ck0.5": checkpoint half the layers
+    suffix = "".join(f"_{f}" for f in flags)
     tag = f"{rows}_{attn}{suffix}"
     work = Path(a.work)
     base, data = prepare(work, a.model_dir)
@@ -94,8 +97,13 @@ def cmd_ours(a) -> None:
     raw.write_text("synthetic\n")
     p = as_dict(load_params(ROOT / "configs/params-mistral7b-gpu.yaml"))
     p["model"].update(source=a.model_dir, revision=None, attn_implementation=attn)
-    p["train"].update(batch_size=int(rows), max_steps=a.steps, save_steps=10**6, eval_steps=0, logging_steps=1,
-                      warmup_ratio=0.0, accelerate_config="none", gradient_checkpointing=not nogc)
+    budget = int(rows[:-1]) if rows.endswith("t") else 0  # "16384t": micro-batches of <= 16,384 tokens
+    p["train"].update(batch_size=64 if budget else int(rows), batch_tokens=budget, max_steps=a.steps,
+                      save_steps=10**6, eval_steps=0, logging_steps=1,
+                      warmup_ratio=0.0, accelerate_config="none", gradient_checkpointing=not nogc,
+                      checkpoint_fraction=fraction)
+    if "nodrop" in flags:  # lora.dropout 0: peft skips the dropout (a copy of every LoRA input)
+        p["lora"]["dropout"] = 0.0
     p["wandb"]["mode"] = "disabled"
     params = parse_params(p, "benchmark")
     torch.cuda.reset_peak_memory_stats()
@@ -104,8 +112,12 @@ def cmd_ours(a) -> None:
                   work / f"plots-{tag}", work / "checkpoints", [raw], params)
     wall = time.perf_counter() - t0
     per_token = hb.useful_flops(lengths.tolist(), a.layers) / float(lengths.sum())  # dataset average
-    res = {"variant": f"ours_{rows}rows_{attn}{suffix}", "rows_per_step": int(rows), "attn": attn,
-           "gradient_checkpointing": not nogc, "status": "ok",
+    res = {"variant": f"ours_{rows}{'okens' if budget else 'rows'}_{attn}{suffix}",
+           "rows_per_step": None if budget else int(rows), "batch_tokens": budget, "attn": attn,
+           "setup_s": m["setup_seconds"], "first_step_s": m["first_steps_seconds"][0],
+           "first_steps_s": m["first_steps_seconds"],
+           "gradient_checkpointing": not nogc, "checkpoint_fraction": fraction,
+           "lora_dropout": p["lora"]["dropout"], "status": "ok",
            "s_per_step": m["step_seconds_steady"], "real_tok_per_s": m["tokens_per_s_steady"],
            "real_tokens_per_step": m["tokens_per_s_steady"] * m["step_seconds_steady"],
            "useful_tflop_per_s": m["tokens_per_s_steady"] * per_token / 1e12,
@@ -171,16 +183,17 @@ def summarize(a) -> None:
                "variants": rows, "ratios": ratios, "baseline_summary_lines": base.get("what")}
     OUT.mkdir(parents=True, exist_ok=True)
     hb.write_json(str(OUT / "train_throughput.json"), summary)
-    hdr = f"{'variant':<24} {'s/step':>7} {'real tok/s':>10} {'tok/step':>8} {'alloc GiB':>9} {'resv GiB':>8} {'MFU':>6} {'loss':>7}"
+    hdr = (f"{'variant':<30} {'s/step':>7} {'real tok/s':>10} {'tok/step':>8} {'alloc GiB':>9} {'resv GiB':>8} "
+           f"{'MFU':>6} {'loss':>7} {'1st step s':>10}")
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r.get('variant'):<24} FAILED {r.get('error', r.get('status'))}")
+            lines.append(f"{r.get('variant'):<30} FAILED {r.get('error', r.get('status'))}")
             continue
         loss = r.get("final_loss", r.get("train_loss"))
-        lines.append(f"{r['variant']:<24} {r['s_per_step']:>7.3f} {r['real_tok_per_s']:>10.0f} "
+        lines.append(f"{r['variant']:<30} {r['s_per_step']:>7.3f} {r['real_tok_per_s']:>10.0f} "
                      f"{r['real_tokens_per_step']:>8.0f} {r['peak_alloc_gib']:>9.2f} {r['peak_reserved_gib']:>8.2f} "
-                     f"{(r.get('mfu') or float('nan')) * 100:>5.1f}% {loss:>7.3f}")
+                     f"{(r.get('mfu') or float('nan')) * 100:>5.1f}% {loss:>7.3f} {r.get('first_step_s') or float('nan'):>10.1f}")
     log("\n".join(lines))
     log(f"GPU {aux.get('gpu')}, bf16 matmul peak {peak} TFLOP/s, layers {a.layers}; ratios {json.dumps(ratios)}")
 

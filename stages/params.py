@@ -27,7 +27,7 @@ class ModelParams:
     revision: Optional[str] = None
     quantize: Literal["auto", "4bit", "none"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2"] = "auto"
+    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "varlen"] = "auto"
     copy_hub_weights: bool = False
 
 
@@ -72,10 +72,12 @@ class TrainParams:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     batch_size: int = 4
+    batch_tokens: int = 0
     gradient_accumulation_steps: int = 1
     max_steps: int = -1
     epochs: float = 1.0
     gradient_checkpointing: bool = False
+    checkpoint_fraction: float = 1.0
     packing: bool = True
     eval_steps: int = 0
     logging_steps: int = 1

@@ -184,6 +184,53 @@ def write_plots(history: list[dict], plots: Path) -> None:
                     w.writerow([h.get(c, "") for c in cols])
 
 
+class FlattenRows:
+    """DataCollatorWithFlattening over rows, or over the rows of TokenBins items (a micro-batch each)."""
+
+    def __init__(self, **kwargs):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(**kwargs)
+
+    def __call__(self, features):
+        return self.flatten([r for f in features for r in (f["rows"] if "rows" in f else [f])])
+
+
+class TokenBins(torch.utils.data.Dataset):
+    """Micro-batches by token budget (`train.batch_tokens`) instead of by row count, so that every
+    step's memory is bounded and known in advance and GPUs of a multi-GPU run get near-equal work.
+    The rows are shuffled once (seeded) and packed in that order, each into the current micro-batch
+    while it fits (sequential greedy: with ~250-token rows and a 16k budget a bin is ~98% full); the
+    Trainer then shuffles the micro-batches every epoch, as it would shuffle rows."""
+
+    def __init__(self, ds, budget: int, seed: int, split: str):
+        import numpy as np
+
+        lengths = np.asarray(ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]])
+        if len(lengths) and lengths.max() > budget:
+            raise StageError(f"train.batch_tokens={budget} is smaller than the longest {split} row "
+                             f"({int(lengths.max())} tokens): raise it to at least tokenize.max_length")
+        order = np.random.default_rng(seed).permutation(len(lengths))
+        self.bins, current, used = [], [], 0
+        for i in order.tolist():
+            if current and used + lengths[i] > budget:
+                self.bins.append(current)
+                current, used = [], 0
+            current.append(i)
+            used += int(lengths[i])
+        if current:
+            self.bins.append(current)
+        self.ds = ds.select_columns(["input_ids", "labels"])
+        self.fill = float(lengths.sum()) / max(len(self.bins) * budget, 1)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, i: int) -> dict:
+        rows = self.ds[self.bins[i]]
+        return {"rows": [{"input_ids": x, "labels": y} for x, y in zip(rows["input_ids"], rows["labels"])]}
+
+
 def setup_wandb(params: Params, record: dict) -> list[str]:
     if params.wandb.mode == "disabled":
         return []
@@ -195,6 +242,22 @@ def setup_wandb(params: Params, record: dict) -> list[str]:
                name=record.get("dvc_experiment") or None, config={"params": record["params"], "lineage": record},
                job_type="train")
     return ["wandb"]
+
+
+def checkpoint_some_layers(model, fraction: float) -> list[bool]:
+    """Selective activation checkpointing: keep recomputation on `fraction` of the decoder layers, spread
+    evenly (0.5: every other one), and store the activations of the others. Memory grows by the share
+    not checkpointed (7B, no checkpointing: ~10 GiB per 1k tokens a step; all layers: ~1), the recompute
+    (a forward of those layers, ~1/3 of their step time) shrinks by the same share."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = int((i + 1) * fraction) > int(i * fraction)
+    if fraction < 1:
+        log.info("gradient checkpointing on %d of %d layers (train.checkpoint_fraction=%s)",
+            sum(layer.gradient_checkpointing for layer in layers), len(layers), fraction)
+    return [layer.gradient_checkpointing for layer in layers]
 
 
 def trainable_model(base: Path, params: Params, quantized: bool):
@@ -209,6 +272,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
     if params.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+        checkpoint_some_layers(model, params.train.checkpoint_fraction)
     target = params.lora.target_modules
     set_seed(params.seed)  # the LoRA A matrices are drawn here: the same seed gives the same adapter
     model = get_peft_model(model, LoraConfig(
@@ -223,7 +287,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
         checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
     import datasets
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from stages.modeling import load_tokenizer, use_4bit
 
@@ -235,9 +299,10 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     train_ds = datasets.load_from_disk(str(train_data))
     eval_ds = datasets.load_from_disk(str(eval_data)) if eval_data and t.eval_steps > 0 else None
     ids = train_ds["id"]
-    keep = ["input_ids", "labels"]
-    train_ds = train_ds.select_columns(keep)
-    eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
+    if not t.batch_tokens:
+        keep = ["input_ids", "labels"]
+        train_ds = train_ds.select_columns(keep)
+        eval_ds = eval_ds.select_columns(keep) if eval_ds is not None else None
 
     quantized = use_4bit(params.model)
     tokenizer = load_tokenizer(base)
@@ -263,7 +328,9 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         seed=seed, data_seed=seed,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay, optim=optimizer, max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+        # with a token budget, a dataset item is a whole micro-batch of rows (TokenBins)
+        per_device_train_batch_size=1 if t.batch_tokens else t.batch_size,
+        per_device_eval_batch_size=1 if t.batch_tokens else t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps, num_train_epochs=t.epochs,
         logging_steps=t.logging_steps, logging_first_step=True,
@@ -279,7 +346,13 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         save_only_model=False,
     )
     if t.packing:
-        collator = DataCollatorWithFlattening()
+        # varlen attention reads the rows' boundaries (cu_seq_lens) from the batch, not from position ids
+        collator = FlattenRows(return_flash_attn_kwargs=params.model.attn_implementation == "varlen")
+        if t.batch_tokens:
+            train_ds = TokenBins(train_ds, t.batch_tokens, seed, "train")
+            eval_ds = TokenBins(eval_ds, t.batch_tokens, seed, "eval") if eval_ds is not None else None
+            log.info("train.batch_tokens=%d: %d micro-batches of <= %d tokens (%.1f%% filled on average)",
+                     t.batch_tokens, len(train_ds), t.batch_tokens, 100 * train_ds.fill)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
