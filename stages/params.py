@@ -99,7 +99,7 @@ def _row_fields() -> set[str]:
 
 
 def _field_map_ok(m: dict) -> bool:
-    return not m or all(_text(k) and v in _row_fields() for k, v in m.items())
+    return not m or all(_text(k) and isinstance(v, str) for k, v in m.items()) and set(m.values()) <= _row_fields()
 
 
 def _protocols(url: str) -> list[str]:
@@ -113,11 +113,12 @@ def _protocols(url: str) -> list[str]:
 
 
 def _sync_ok(url: str) -> bool:
-    if not _protocols(url):
-        return True
-    import fsspec
+    protocols = _protocols(url)
+    if protocols:
+        import fsspec
 
-    return all(p in fsspec.available_protocols() for p in _protocols(url))
+        return set(protocols) <= set(fsspec.available_protocols())
+    return True
 
 
 def _modules_ok(v: Any) -> bool:
@@ -156,7 +157,8 @@ OPTIMIZERS = (
 )
 EXCLUDED = {  # key: (names, why)
     "train.lr_scheduler": (("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"),
-                           "it needs lr_scheduler_kwargs (min_lr, num_decay_steps), which params.yaml has no key for"),
+                           "it needs lr_scheduler_kwargs (min_lr, num_decay_steps), "
+                           "which params.yaml has no key for"),
     "train.optimizer": (("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
                          "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw",
                          "apollo_adamw_layerwise"),
@@ -344,7 +346,8 @@ def _walk(cls: type, raw: Any, prefix: str, problems: dict[str, list[str]]) -> N
         if key not in hints:
             close = difflib.get_close_matches(str(key), hints, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            problems["unknown"].append(f"unknown key '{prefix}{key}'{hint}; valid keys here: {', '.join(hints)}")
+            problems["unknown"].append(f"unknown key '{prefix}{key}'{hint}; "
+                                       f"valid keys here: {', '.join(hints)}")
         elif dataclasses.is_dataclass(hints[key]):
             _walk(hints[key], value, f"{prefix}{key}.", problems)
         elif not _ok(value, hints[key]):
@@ -370,9 +373,10 @@ def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
     if problems["unknown"]:
         raise ParamsError(f"{path}: {problems['unknown'][0]}")
     if problems["missing"]:
-        raise ParamsError(f"{path}: missing key(s) {', '.join(problems['missing'])}: every key must be set in "
-                          "the params file (there are no code defaults: DVC tracks only the keys the file "
-                          "holds); copy them from the project's params.yaml")
+        missing = ", ".join(problems["missing"])
+        raise ParamsError(f"{path}: missing key(s) {missing}: every key must be set in the params file (there "
+                          "are no code defaults: DVC tracks only the keys the file holds); copy them from the "
+                          "project's params.yaml")
     if problems["invalid"]:
         raise ParamsError(f"{path}: {problems['invalid'][0]}")
     params = _build(Params, raw)
@@ -389,14 +393,16 @@ def read_yaml(path: Path) -> Any:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)") from None
+        raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)") \
+            from None
     except OSError as e:
         raise ParamsError(f"{path}: cannot read the params file ({e.strerror or e})") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise ParamsError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+        raise ParamsError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") \
+            from None
     try:
         raw = YAML(typ="safe", pure=True).load(text)
     except MarkedYAMLError as e:

@@ -152,7 +152,7 @@ OUT_OF_DOMAIN = [
     ("model.revision", ""), ("model.quantize", "8bit"), ("model.dtype", "fp8"), ("model.attn_implementation", "flash"),
     ("model.copy_hub_weights", "no"),
     ("data.format", "csv"), ("data.field_map", {"q": "question"}), ("data.field_map", {"": "input"}),
-    ("data.field_map", {"q": 1}), ("data.field_map", ["input"]),
+    ("data.field_map", {"q": 1}), ("data.field_map", {"q": ["input"]}), ("data.field_map", ["input"]),
     ("template.name", "llama"), ("template.system_prompt", ""), ("template.system_prompt", 3),
     ("validate.max_reject_fraction", -0.1), ("validate.max_reject_fraction", 1.5),
     ("validate.max_reject_fraction", float("nan")), ("validate.max_chars", 0),
@@ -237,7 +237,6 @@ def test_secrets_in_a_refused_sync_url_are_not_echoed():
 
 
 def test_a_sync_url_whose_filesystem_is_not_installed_is_refused_early():
-    pytest.importorskip("fsspec")
     import fsspec
 
     try:
