@@ -406,7 +406,7 @@ def read_yaml(path: Path) -> Any:
     try:
         raw = YAML(typ="safe", pure=True).load(text)
     except MarkedYAMLError as e:
-        mark, what = e.problem_mark or e.context_mark, e.problem or e.context
+        mark, what = e.problem_mark or e.context_mark, e.problem or e.context or " ".join(str(e).split())
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
         if "duplicate key" in what:
             what += "; keep one of them"
