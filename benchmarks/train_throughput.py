@@ -69,7 +69,8 @@ def prepare(work: Path, model_dir: str) -> tuple[Path, Path]:
     if not (base / "base.json").exists():
         make_tokenizer(Path(model_dir))
         t0 = time.perf_counter()
-        import_base.run(base, ModelParams(source=model_dir))
+        import_base.run(base, ModelParams(source=model_dir, revision=None, quantize="auto", dtype="auto",
+                                          attn_implementation="auto", copy_hub_weights=False))
         log(f"[ours] import_base (copy + sha256): {time.perf_counter() - t0:.1f}s")
     if not data.exists():
         _, ids = hb.make_lengths()

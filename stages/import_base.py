@@ -120,23 +120,36 @@ def fetch_hub(repo: str, revision: str | None, out: Path, copy_weights: bool) ->
     return snap.name, sorted(snap.glob("*.safetensors"))  # the snapshot folder is named by its commit
 
 
+def source_kind(source: str) -> str | None:
+    """embedded, local (a path), hub (owner/name) or None: how `run` resolves model.source (params.py
+    checks it, and that hub ids carry a revision, with this same rule)."""
+    if source in EMBEDDED:
+        return "embedded"
+    if source.startswith(("/", ".", "~")) or Path(source).exists():
+        return "local"
+    if source.count("/") == 1 and all(source.split("/")):
+        return "hub"
+    return None
+
+
 def run(output: Path, params: ModelParams) -> dict:
     source = params.source
     with atomic_path(output) as tmp:
         meta: dict = {"source": source, "revision": params.revision, "weights": "local"}
-        if source in EMBEDDED:
+        kind = source_kind(source)
+        if kind == "embedded":
             gguf = embedded_gguf(source)
             meta["gguf_file"] = gguf.name
             convert_gguf(gguf, tmp)
             files = sorted(tmp.glob("*.safetensors"))
-        elif source.startswith(("/", ".", "~")) or Path(source).exists():
+        elif kind == "local":
             src = Path(source).expanduser()
             if not src.is_dir():
                 raise StageError(f"model.source={source}: no such directory (a local model directory, a hub id "
                                  f"owner/name, or one of: {', '.join(EMBEDDED)})")
             copy_local(src, tmp)
             files = sorted(tmp.glob("*.safetensors"))
-        elif source.count("/") == 1:
+        elif kind == "hub":
             commit, files = fetch_hub(source, params.revision, tmp, params.copy_hub_weights)
             meta.update(revision=commit, weights="local" if params.copy_hub_weights else "hub")
         else:

@@ -1,191 +1,438 @@
-"""Typed, frozen view of params.yaml, loaded strictly.
+"""Typed, frozen view of params.yaml, loaded strictly: every key present, every value in its domain.
 
-Every stage reads its settings through `load_params(path)`. An unknown key (a typo in a hand edit or
-in `dvc exp run -S +key=...`) or a value of the wrong type stops the stage with one line naming the
-key and the file, and the closest valid key when there is one. params.yaml is read as YAML 1.2 (like
-DVC), so `1e-4` is a float.
+Every stage reads its settings through `load_params(path)`, which checks the whole file (every section,
+not only the stage's own) before the stage reads or writes anything, and stops with one line:
+- the file itself: unreadable, not UTF-8, not YAML (a syntax error, a duplicate key, two documents),
+  empty, or not a mapping at the top: the file and the line where the parser knows it;
+- an unknown key (a typo in a hand edit or in `dvc exp run -S +key=...`), with the closest valid key;
+- a missing key (see Defaults);
+- a value of the wrong type or outside its domain: the `Annotated` Range (open or closed bounds, finite)
+  or Check beside each field below, the Literal enums, and the rules across keys in `cross_checks`.
+  The line names the file, the key, what is allowed and the value.
+params.yaml is read as YAML 1.2 (like DVC), so `1e-4` is a float; an integer is a fine float, a bool
+is not a number.
+
+Defaults: params.yaml is the only source. The dataclasses carry no defaults and a key missing from the
+file is an error, never a fallback: DVC tracks only the keys the file holds, so a value taken from the
+code would change results without `dvc status`, `dvc params diff` or lineage.json seeing it (and such
+defaults drift: they disagreed with params.yaml on four keys). Code that builds the dataclasses itself
+(tests, benchmarks) passes every field.
+
+Enums from the libraries: `train.lr_scheduler` and `train.optimizer` are transformers' SchedulerType and
+OptimizerNames, less the names this pipeline cannot drive (they need settings it has no key for: see
+EXCLUDED). They are spelled out here because importing transformers takes seconds (it imports torch),
+and the data stages must start fast and without torch; tests/test_params.py holds the lists equal to
+transformers' own. `train.checkpoint_sync` schemes are fsspec's (imported only for a URL).
 """
-
-from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 
 class ParamsError(ValueError):
     """params.yaml does not fit the schema below."""
 
 
+# --- domains --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric domain in interval notation: Range(0, 1, "[)") is 0 <= x < 1. NaN and infinities are
+    outside every range."""
+    lo: float = -math.inf
+    hi: float = math.inf
+    ends: str = "[]"
+
+    def __call__(self, v: float) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        return ((v >= self.lo) if self.ends[0] == "[" else (v > self.lo)) and \
+               ((v <= self.hi) if self.ends[1] == "]" else (v < self.hi))
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>=' if self.ends[0] == '[' else '>'} {self.lo}"
+        return f"in {self.ends[0]}{self.lo}, {self.hi}{self.ends[1]}"
+
+
+@dataclass(frozen=True)
+class Check:
+    """Any other domain: a test (given a value of the field's type) and the words saying what it allows."""
+    test: Callable[[Any], bool]
+    allowed: str | Callable[[], str]
+
+    def __call__(self, v: Any) -> bool:
+        return self.test(v)
+
+    def __str__(self) -> str:
+        return self.allowed() if callable(self.allowed) else self.allowed
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _source_kind(source: str) -> str | None:
+    from stages.import_base import source_kind  # the rule import_base resolves sources by
+
+    return source_kind(source)
+
+
+def _embedded() -> list[str]:
+    from stages.import_base import EMBEDDED
+
+    return list(EMBEDDED)
+
+
+def _row_fields() -> set[str]:
+    from stages.validate import SCHEMAS  # only for a non-empty field_map: validate reads the rows
+
+    return {name for schema in SCHEMAS.values() for name in schema["properties"]}
+
+
+def _field_map_ok(m: dict) -> bool:
+    return not m or all(_text(k) and isinstance(v, str) for k, v in m.items()) and set(m.values()) <= _row_fields()
+
+
+def _protocols(url: str) -> list[str]:
+    """The fsspec protocols of a URL (chained ones too: simplecache::s3://...); none for a local folder."""
+    if "://" not in url and "::" not in url:
+        return []
+    from fsspec.core import split_protocol
+
+    *chain, last = url.split("::")
+    return [*chain, split_protocol(last)[0] or "file"]
+
+
+def _sync_ok(url: str) -> bool:
+    protocols = _protocols(url)
+    if protocols:
+        import fsspec
+
+        return set(protocols) <= set(fsspec.available_protocols())
+    return True
+
+
+def _modules_ok(v: Any) -> bool:
+    return _text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_text, v)))
+
+
+COUNT = Range(1)                            # an integer >= 1
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, math.inf, "()")
+TEXT = Check(_text, "a non-empty string")
+SOURCE = Check(lambda v: _text(v) and _source_kind(v) is not None,
+               lambda: "a local model directory, a hub id owner/name, or one of " + ", ".join(_embedded()))
+FIELD_MAP = Check(_field_map_ok, lambda: "a mapping from your field names to row fields ("
+                                         + ", ".join(sorted(_row_fields())) + ")")
+MODULES = Check(_modules_ok, "a module name or regex (all-linear = every linear layer but lm_head), "
+                             "or a non-empty list of module names")
+SYNC = Check(lambda v: _text(v) and _sync_ok(v),
+             "a local folder, or a URL whose scheme fsspec knows (s3://, gs://, az://, ssh://, hf://, "
+             "file://, ...: fsspec.available_protocols())")
+LAUNCH = Check(lambda v: v in ("auto", "none") or Path(v).is_file(),
+               "auto, none, or the path of an accelerate config file that exists")
+WANDB_PROJECT = Check(lambda v: _text(v) and len(v) <= 128 and not set("/\\#?%:") & set(v),
+                      "a W&B project name: 1-128 characters, none of / \\ # ? % :")
+MAX_STEPS = Check(lambda v: v == -1 or v >= 1, "-1 (train by epochs) or an integer >= 1")
+
+# transformers 5 trainer_utils.SchedulerType and training_args.OptimizerNames, less EXCLUDED
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "reduce_lr_on_plateau", "greedy")
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused", "adafactor",
+    "adamw_anyprecision", "adamw_torch_4bit", "adamw_torch_8bit", "ademamix", "sgd", "adagrad",
+    "adamw_bnb_8bit", "adamw_8bit", "ademamix_8bit", "lion_8bit", "lion_32bit", "paged_adamw_32bit",
+    "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit",
+    "rmsprop", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "lomo", "adalomo", "grokadamw",
+    "schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd", "stable_adamw",
+)
+EXCLUDED = {  # key: (names, why)
+    "train.lr_scheduler": (("cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay"),
+                           "it needs lr_scheduler_kwargs (min_lr, num_decay_steps), "
+                           "which params.yaml has no key for"),
+    "train.optimizer": (("galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+                         "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw",
+                         "apollo_adamw_layerwise"),
+                        "it needs optim_target_modules, which params.yaml has no key for"),
+}
+NEEDS_EVAL = ("reduce_lr_on_plateau", "greedy")  # schedulers that step on the eval loss
+DTYPE = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+# --- the schema: one dataclass a section, no defaults (params.yaml is the only source) ---------------
+
 @dataclass(frozen=True)
 class ModelParams:
-    source: str = "embedded:smollm2-135m-instruct"
-    revision: Optional[str] = None
-    quantize: Literal["auto", "4bit", "none"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "varlen"] = "auto"
-    copy_hub_weights: bool = False
+    source: Annotated[str, SOURCE]
+    revision: Optional[Annotated[str, TEXT]]  # required for hub ids, null otherwise (cross_checks)
+    quantize: Literal["auto", "4bit", "none"]
+    dtype: DTYPE
+    attn_implementation: Literal["auto", "eager", "sdpa", "flex_attention", "flash_attention_2", "varlen"]
+    copy_hub_weights: bool
 
 
 @dataclass(frozen=True)
 class DataParams:
-    format: Literal["auto", "qa", "alpaca", "chat"] = "auto"
-    field_map: dict = field(default_factory=dict)
+    format: Literal["auto", "qa", "alpaca", "chat"]
+    field_map: Annotated[dict, FIELD_MAP]
 
 
 @dataclass(frozen=True)
 class TemplateParams:
-    name: Literal["qa", "alpaca", "chat"] = "qa"
-    system_prompt: Optional[str] = None
+    name: Literal["qa", "alpaca", "chat"]
+    system_prompt: Optional[Annotated[str, TEXT]]
 
 
 @dataclass(frozen=True)
 class ValidateParams:
-    max_reject_fraction: float = 0.1
-    max_chars: int = 20000
+    max_reject_fraction: Annotated[float, Range(0, 1)]
+    max_chars: Annotated[int, COUNT]
 
 
 @dataclass(frozen=True)
 class TokenizeParams:
-    max_length: int = 512
-    overlength: Literal["drop", "truncate"] = "truncate"
-    train_on_prompt: bool = False
-    batch_size: int = 1000
+    max_length: Annotated[int, Range(2)]  # at least one prompt token and one trained token
+    overlength: Literal["drop", "truncate"]
+    train_on_prompt: bool
+    batch_size: Annotated[int, COUNT]
 
 
 @dataclass(frozen=True)
 class LoraParams:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: Any = "all-linear"
+    r: Annotated[int, COUNT]
+    alpha: Annotated[int, COUNT]  # scale alpha / r: 0 would train an adapter with no effect
+    dropout: Annotated[float, Range(0, 1, "[)")]
+    target_modules: Annotated[Any, MODULES]
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    batch_tokens: int = 0
-    gradient_accumulation_steps: int = 1
-    max_steps: int = -1
-    epochs: float = 1.0
-    gradient_checkpointing: bool = False
-    checkpoint_fraction: float = 1.0
-    packing: bool = True
-    eval_steps: int = 0
-    logging_steps: int = 1
-    save_steps: int = 10
-    save_total_limit: int = 2
-    checkpoint_sync: Optional[str] = None
-    optimizer: str = "adamw_torch"
-    max_grad_norm: float = 1.0
-    accelerate_config: str = "auto"
+    learning_rate: Annotated[float, POSITIVE]
+    lr_scheduler: Literal[SCHEDULERS]
+    warmup_ratio: Annotated[float, Range(0, 1, "[)")]  # transformers 5 reads warmup_steps < 1 as a ratio
+    weight_decay: Annotated[float, NON_NEGATIVE]
+    batch_size: Annotated[int, COUNT]  # rows a micro-batch (when batch_tokens is 0)
+    batch_tokens: Annotated[int, NON_NEGATIVE]  # 0 = batches of batch_size rows; else tokens a micro-batch
+    gradient_accumulation_steps: Annotated[int, COUNT]
+    max_steps: Annotated[int, MAX_STEPS]
+    epochs: Annotated[float, POSITIVE]
+    gradient_checkpointing: bool
+    checkpoint_fraction: Annotated[float, Range(0, 1)]  # of the layers, with gradient_checkpointing
+    packing: bool
+    eval_steps: Annotated[int, NON_NEGATIVE]  # 0 = no eval during training
+    logging_steps: Annotated[int, COUNT]
+    save_steps: Annotated[int, COUNT]
+    save_total_limit: Annotated[int, COUNT]
+    checkpoint_sync: Optional[Annotated[str, SYNC]]
+    optimizer: Literal[OPTIMIZERS]
+    max_grad_norm: Annotated[float, NON_NEGATIVE]  # 0 = no clipping
+    accelerate_config: Annotated[str, LAUNCH]
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 8
-    max_new_tokens: int = 64
-    max_generate_rows: int = 0
+    batch_size: Annotated[int, COUNT]
+    max_new_tokens: Annotated[int, COUNT]
+    max_generate_rows: Annotated[int, NON_NEGATIVE]  # 0 = all
 
 
 @dataclass(frozen=True)
 class MergeParams:
-    into: Literal["base", "dequantized"] = "base"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    parity_prompts: int = 4
-    parity_tolerance: float = 0.5
+    into: Literal["base", "dequantized"]
+    dtype: DTYPE
+    parity_prompts: Annotated[int, COUNT]
+    parity_tolerance: Annotated[float, POSITIVE]
 
 
 @dataclass(frozen=True)
 class WandbParams:
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "finetune"
-    entity: Optional[str] = None
+    mode: Literal["offline", "online", "disabled"]
+    project: Annotated[str, WANDB_PROJECT]
+    entity: Optional[Annotated[str, TEXT]]
 
 
 @dataclass(frozen=True)
 class Params:
-    seed: int = 42
-    model: ModelParams = field(default_factory=ModelParams)
-    data: DataParams = field(default_factory=DataParams)
-    template: TemplateParams = field(default_factory=TemplateParams)
-    validate: ValidateParams = field(default_factory=ValidateParams)
-    tokenize: TokenizeParams = field(default_factory=TokenizeParams)
-    lora: LoraParams = field(default_factory=LoraParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    merge: MergeParams = field(default_factory=MergeParams)
-    wandb: WandbParams = field(default_factory=WandbParams)
+    seed: Annotated[int, Range(0, 2**32 - 1)]  # numpy's seed range (transformers' set_seed seeds numpy)
+    model: ModelParams
+    data: DataParams
+    template: TemplateParams
+    validate: ValidateParams
+    tokenize: TokenizeParams
+    lora: LoraParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    merge: MergeParams
+    wandb: WandbParams
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
+def cross_checks(p: Params) -> Iterator[str]:
+    """The rules across keys, each a message naming the key to change."""
+    hub = _source_kind(p.model.source) == "hub"
+    if hub and p.model.revision is None:
+        yield (f"'model.revision' must be a commit sha or tag when model.source is a hub id "
+               f"({p.model.source}), got null: pin it so the base is reproducible")
+    if not hub and p.model.revision is not None:
+        yield (f"'model.revision' must be null when model.source is not a hub id ({p.model.source}), "
+               f"got {p.model.revision!r}: a revision applies only to hub ids")
+    for protocol in _protocols(p.train.checkpoint_sync or ""):
+        import fsspec
+
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            yield f"'train.checkpoint_sync' = {_shown(p.train.checkpoint_sync)} cannot be opened here: {e}"
+    if p.train.batch_tokens and p.train.batch_tokens < p.tokenize.max_length:
+        yield (f"'train.batch_tokens' = {p.train.batch_tokens} is below tokenize.max_length = "
+               f"{p.tokenize.max_length}: a micro-batch must hold the longest row; raise it or set 0 (rows)")
+    if p.train.batch_tokens and not p.train.packing:
+        yield "'train.batch_tokens' needs train.packing: true (a token budget packs rows end to end)"
+    if p.model.attn_implementation == "varlen" and not p.train.packing:
+        yield ("'model.attn_implementation' = 'varlen' needs train.packing: true (it attends within packed "
+               "rows); use sdpa for padded batches")
+    if p.train.lr_scheduler in NEEDS_EVAL and p.train.eval_steps == 0:
+        yield (f"'train.lr_scheduler' = {p.train.lr_scheduler!r} steps on the eval loss: it needs "
+               f"train.eval_steps >= 1, got train.eval_steps = 0")
+
+
+# --- checking -------------------------------------------------------------------------------------
+
+def _ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
+    if origin is Annotated:
+        base, *domains = typing.get_args(tp)
+        return _ok(value, base) and all(d(value) for d in domains)
     if origin is Literal:
-        return value in typing.get_args(tp)
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
+        return any(_ok(value, a) for a in typing.get_args(tp))
     if tp is type(None):
         return value is None
     if tp is float:  # an int is a fine float (`lr: 1`), a bool is not
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if tp is dict:
-        return isinstance(value, dict)
     return isinstance(value, tp)
 
 
+def _shown(value: Any) -> str:
+    """repr(value) for a message, less what a URL may carry as secrets (user:token@, ?query)."""
+    if isinstance(value, str) and "://" in value:
+        value = re.sub(r"//[^/@]*@", "//***@", value.split("?", 1)[0])
+    return repr(value)
+
+
 def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *domains = typing.get_args(tp)
+        return " and ".join(str(d) if isinstance(d, Check) else f"{_describe(base)} {d}" for d in domains)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _build(cls: type, raw: Any, prefix: str, path: Path) -> Any:
+def _walk(cls: type, raw: Any, prefix: str, problems: dict[str, list[str]]) -> None:
+    """Sorts what is wrong in one section (and those below it) into unknown, missing and invalid."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: '{prefix or 'top level'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+        problems["invalid"].append(f"'{prefix.rstrip('.')}' must be a mapping of keys, got {raw!r}")
+        return
+    hints = typing.get_type_hints(cls, include_extras=True)
     for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), hints, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ParamsError(f"{path}: unknown key '{full}'{hint}; valid keys here: {', '.join(names)}")
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.", path)
-            continue
-        if not _type_ok(value, tp):
-            raise ParamsError(f"{path}: '{full}' must be {_describe(tp)}, got {value!r}")
-        kwargs[key] = float(value) if tp is float else value
-    return cls(**kwargs)
+            problems["unknown"].append(f"unknown key '{prefix}{key}'{hint}; "
+                                       f"valid keys here: {', '.join(hints)}")
+        elif dataclasses.is_dataclass(hints[key]):
+            _walk(hints[key], value, f"{prefix}{key}.", problems)
+        elif not _ok(value, hints[key]):
+            names, why = EXCLUDED.get(f"{prefix}{key}", ((), ""))
+            problems["invalid"].append(f"'{prefix}{key}' must be {_describe(hints[key])}, got {_shown(value)}"
+                                       + (f" ({why})" if value in names else ""))
+    problems["missing"] += [f"'{prefix}{key}'" for key in hints if key not in raw]
 
 
-def parse_params(raw: dict, path: Path | str = "params.yaml") -> Params:
-    return _build(Params, raw or {}, "", Path(path))
+def _build(cls: type, raw: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _build(hints[k], v) if dataclasses.is_dataclass(hints[k]) else
+                  float(v) if hints[k] is float else v for k, v in raw.items()})
+
+
+def parse_params(raw: Any, path: Path | str = "params.yaml") -> Params:
+    """The checked Params of one parsed params file; ParamsError (one line) on the first problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: the top level must be a mapping of sections "
+                          f"({', '.join(f.name for f in dataclasses.fields(Params))}), got {raw!r}")
+    problems: dict[str, list[str]] = {"unknown": [], "missing": [], "invalid": []}
+    _walk(Params, raw, "", problems)
+    if problems["unknown"]:
+        raise ParamsError(f"{path}: {problems['unknown'][0]}")
+    if problems["missing"]:
+        missing = ", ".join(problems["missing"])
+        raise ParamsError(f"{path}: missing key(s) {missing}: every key must be set in the params file (there "
+                          "are no code defaults: DVC tracks only the keys the file holds); copy them from the "
+                          "project's params.yaml")
+    if problems["invalid"]:
+        raise ParamsError(f"{path}: {problems['invalid'][0]}")
+    params = _build(Params, raw)
+    for problem in cross_checks(params):
+        raise ParamsError(f"{path}: {problem}")
+    return params
+
+
+def read_yaml(path: Path) -> Any:
+    """A params file parsed as YAML 1.2; ParamsError (one line, with the line number) when it is not."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)") \
+            from None
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot read the params file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ParamsError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") \
+            from None
+    try:
+        raw = YAML(typ="safe", pure=True).load(text)
+    except MarkedYAMLError as e:
+        mark, what = e.problem_mark or e.context_mark, e.problem or e.context or " ".join(str(e).split())
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        if "duplicate key" in what:
+            what += "; keep one of them"
+        elif e.context and e.context_mark:
+            what += f" ({e.context} at line {e.context_mark.line + 1})"
+        raise ParamsError(f"{path}{where}: not valid YAML: {what}") from None
+    except YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the params file is empty; copy the project's params.yaml and edit it")
+    return raw
 
 
 def load_params(path: Path | str = "params.yaml") -> Params:
-    from ruamel.yaml import YAML
-
     path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: no such params file (run from the project root, or pass --params)")
-    with path.open(encoding="utf-8") as f:
-        raw = YAML(typ="safe", pure=True).load(f)
-    return parse_params(raw, path)
+    return parse_params(read_yaml(path), path)
 
 
 def as_dict(params: Params) -> dict:

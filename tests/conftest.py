@@ -78,7 +78,8 @@ def tiny_base(tiny_model_dir, tmp_path_factory) -> Path:
     from stages.params import ModelParams
 
     out = tmp_path_factory.mktemp("base") / "base"
-    import_base.run(out, ModelParams(source=str(tiny_model_dir)))
+    import_base.run(out, ModelParams(source=str(tiny_model_dir), revision=None, quantize="auto", dtype="auto",
+                                 attn_implementation="auto", copy_hub_weights=False))
     return out
 
 

@@ -47,7 +47,7 @@ def test_unknown_params_key_is_one_clear_line(tmp_path):
 
 
 def test_bad_input_path_names_the_file_and_the_fix(tmp_path):
-    (tmp_path / "params.yaml").write_text("seed: 1\n")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())  # every key: no code defaults
     p = finetune("validate", "--input", "missing.jsonl", "--output", "c.jsonl", "--rejects", "r.jsonl", cwd=tmp_path)
     assert p.returncode == 1 and "missing.jsonl: no such file" in p.stderr and "Traceback" not in p.stderr
 

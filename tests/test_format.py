@@ -5,7 +5,9 @@ import pytest
 
 from stages import format as fmt
 from stages import jsonl
-from stages.params import TemplateParams
+from stages.params import TemplateParams as Template
+
+TemplateParams = functools.partial(Template, system_prompt=None)  # every field: no code defaults
 
 
 def row(*turns, id="r1"):

@@ -1,3 +1,4 @@
+import functools
 import json
 import random
 from pathlib import Path
@@ -7,7 +8,11 @@ import pytest
 
 from stages import tokenize as tok
 from stages.errors import StageError
-from stages.params import TokenizeParams
+from stages.params import TokenizeParams as Tokenize
+
+# every field (params.yaml is the only source of defaults); a test overrides what it is about
+TokenizeParams = functools.partial(Tokenize, max_length=512, overlength="truncate", train_on_prompt=False,
+                                   batch_size=1000)
 
 ROOT = Path(__file__).resolve().parent.parent
 

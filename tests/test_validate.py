@@ -8,7 +8,12 @@ import pytest
 
 from stages import jsonl, validate
 from stages.errors import StageError
-from stages.params import DataParams, ValidateParams
+from stages.params import DataParams as Data
+from stages.params import ValidateParams as Validate
+
+# every field (params.yaml is the only source of defaults); a test overrides what it is about
+DataParams = functools.partial(Data, format="auto", field_map={})
+ValidateParams = functools.partial(Validate, max_reject_fraction=0.1, max_chars=20000)
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOSE = ValidateParams(max_reject_fraction=1.0, max_chars=1000)
