@@ -48,8 +48,10 @@ def all_keys() -> list[str]:
 
 def write(tmp_path: Path, raw) -> Path:
     f = tmp_path / "params.yaml"
+    yaml = YAML(typ="safe")
+    yaml.default_flow_style = False  # one key a line, so that tests can edit the text
     with f.open("w") as out:
-        YAML(typ="safe").dump(raw, out)
+        yaml.dump(raw, out)
     return f
 
 
