@@ -1,5 +1,9 @@
 import json
+import os
 import random
+import shutil
+import tempfile
+import threading
 from pathlib import Path
 
 import datasets
@@ -12,17 +16,26 @@ from stages.params import TokenizeParams
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tokenize(tiny_base, rows, **kw):
+def run_rows(base, rows, params, directory):
+    """The production path: the rows through `tokenize.run` (tokenize_part, record_batch, the shards)
+    and back from the dataset it wrote, its rejects and its report."""
+    d = Path(tempfile.mkdtemp(dir=directory))
+    (d / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = tok.run(d / "p.jsonl", d / "tok", base, d / "rep.json", d / "rej.jsonl", params)
+    rejects = [json.loads(line) for line in (d / "rej.jsonl").read_text().splitlines()]
+    stats = {"truncated": s["truncated"], "trained_tokens": s["tokens_trained"]}
+    return datasets.load_from_disk(str(d / "tok")).to_list(), rejects, stats
+
+
+def tokenize(tiny_base, tmp_path, rows, **kw):
     tokenizer, eos = tok.load_tokenizer(tiny_base)
-    rejects, stats = [], {}
-    out = list(tok.tokenize_rows(rows, tokenizer, eos, TokenizeParams(**kw), rejects, stats))
-    return out, rejects, stats, tokenizer, eos
+    return *run_rows(tiny_base, rows, TokenizeParams(**kw), tmp_path), tokenizer, eos
 
 
-def test_prompt_masked_answer_trained_and_eos_appended(tiny_base):
+def test_prompt_masked_answer_trained_and_eos_appended(tiny_base, tmp_path):
     rows = [{"id": "a", "prompt": "### Question: How do I reset the hub?\n ### Answer:",
              "completion": " Hold the rear button for 10 seconds."}]
-    [out], rejects, stats, tokenizer, eos = tokenize(tiny_base, rows)
+    [out], rejects, stats, tokenizer, eos = tokenize(tiny_base, tmp_path, rows)
     assert not rejects and out["input_ids"][-1] == eos and out["labels"][-1] == eos
     trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
     assert tokenizer.decode(trained[:-1]) == " Hold the rear button for 10 seconds."
@@ -32,37 +45,37 @@ def test_prompt_masked_answer_trained_and_eos_appended(tiny_base):
     assert stats["trained_tokens"] == len(trained)
 
 
-def test_chat_completion_already_ended_gets_no_second_eos(tiny_base):
+def test_chat_completion_already_ended_gets_no_second_eos(tiny_base, tmp_path):
     rows = [{"id": "c", "prompt": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
-             "completion": "Hello there.<|im_end|>\n"}]
-    [out], rejects, _, tokenizer, eos = tokenize(tiny_base, rows)
+             "completion": "Hello there.<|im_end|>\n", "specials": "all"}]
+    [out], rejects, _, tokenizer, eos = tokenize(tiny_base, tmp_path, rows)
     assert not rejects and out["input_ids"].count(eos) == 2  # the user turn's and the answer's, nothing appended
     trained = [t for t, label in zip(out["input_ids"], out["labels"]) if label != -100]
     assert tokenizer.decode(trained, skip_special_tokens=False) == "Hello there.<|im_end|>\n"
 
 
-def test_train_on_prompt_labels_everything(tiny_base):
-    [out], *_ = tokenize(tiny_base, [{"id": "a", "prompt": "Q: hi\n A:", "completion": " yes"}], train_on_prompt=True)
+def test_train_on_prompt_labels_everything(tiny_base, tmp_path):
+    [out], *_ = tokenize(tiny_base, tmp_path, [{"id": "a", "prompt": "Q: hi\n A:", "completion": " yes"}], train_on_prompt=True)
     assert out["labels"] == out["input_ids"]
 
 
-def test_truncate_cuts_the_prompt_from_the_left_and_keeps_the_answer(tiny_base):
+def test_truncate_cuts_the_prompt_from_the_left_and_keeps_the_answer(tiny_base, tmp_path):
     long_prompt = "### Question: " + "please help me with the hub " * 30 + "\n ### Answer:"
     rows = [{"id": "a", "prompt": long_prompt, "completion": " Reset it."}]
-    [full], *_ = tokenize(tiny_base, rows, max_length=1000)
-    [cut], rejects, stats, tokenizer, eos = tokenize(tiny_base, rows, max_length=40)
+    [full], *_ = tokenize(tiny_base, tmp_path, rows, max_length=1000)
+    [cut], rejects, stats, tokenizer, eos = tokenize(tiny_base, tmp_path, rows, max_length=40)
     assert len(cut["input_ids"]) == 40 and stats["truncated"] == 1 and not rejects
     assert cut["input_ids"] == full["input_ids"][-40:] and cut["labels"] == full["labels"][-40:]
     assert tokenizer.decode([t for t in cut["labels"] if t != -100][:-1]) == " Reset it."
 
 
-def test_drop_policy_and_unfittable_answers_are_rejected_with_reasons(tiny_base):
+def test_drop_policy_and_unfittable_answers_are_rejected_with_reasons(tiny_base, tmp_path):
     rows = [{"id": "long", "prompt": "Q: " + "word " * 100, "completion": " a"},
             {"id": "answer", "prompt": "Q:", "completion": " word" * 100},
             {"id": "ok", "prompt": "Q:", "completion": " fine"}]
-    out, rejects, *_ = tokenize(tiny_base, rows, max_length=32, overlength="drop")
+    out, rejects, *_ = tokenize(tiny_base, tmp_path, rows, max_length=32, overlength="drop")
     assert [o["id"] for o in out] == ["ok"] and [r["id"] for r in rejects] == ["long", "answer"]
-    out, rejects, *_ = tokenize(tiny_base, rows, max_length=32, overlength="truncate")
+    out, rejects, *_ = tokenize(tiny_base, tmp_path, rows, max_length=32, overlength="truncate")
     assert [o["id"] for o in out] == ["long", "ok"]
     assert rejects[0]["id"] == "answer" and "never cut" in rejects[0]["detail"]
 
@@ -87,17 +100,19 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 
 def reference_rows(rows, tokenizer, eos_id, params):
-    """The rule as first written: every token's offsets and special flag copied into Python. The stage's
-    shortcut (one char_to_token a row) must give exactly this."""
+    """The rule as first written: every token's offsets and special flag copied into Python, one row at
+    a time, labels as a Python list. The stage's shortcut (one char_to_token a row) and its numpy labels
+    (record_batch) must give exactly this. Rows without `specials` are text only; "all": as they are."""
     out, rejects, stats = [], [], {"truncated": 0, "trained_tokens": 0}
     for row in rows:
+        tokenizer.encode_special_tokens = "specials" not in row
         enc = tokenizer.encode(row["prompt"] + row["completion"])
         ids, offsets, special = enc.ids, enc.offsets, enc.special_tokens_mask
         cut = len(row["prompt"])
         in_answer = [s == 0 and start >= cut for (start, _), s in zip(offsets, special)]
         if ids and ids[-1] == eos_id and special[-1]:
             in_answer[-1] = True
-        elif not row["completion"].rstrip().endswith(tokenizer.id_to_token(eos_id)):
+        elif not ("specials" in row and row["completion"].rstrip().endswith(tokenizer.id_to_token(eos_id))):
             ids, in_answer = ids + [eos_id], in_answer + [True]
         n_prompt = in_answer.index(True) if True in in_answer else len(ids)
         reason = None
@@ -136,6 +151,8 @@ def seam_rows(n=400, seed=0):
         prompt = " ".join(rng.choices(words, k=rng.randrange(0, 40))) + rng.choice(SEAM_ENDS)
         completion = rng.choice(SEAM_STARTS) + " ".join(rng.choices(words, k=rng.randrange(0, 30)))
         rows.append({"id": str(i), "prompt": prompt, "completion": completion})
+        if i % 2:  # a chat row: its special-token strings are the template's
+            rows[-1]["specials"] = "all"
     return rows
 
 
@@ -152,31 +169,46 @@ def with_post_processor(tiny_base, kind):
             single=f"{bos} $A <|im_end|>", special_tokens=[(bos, tokenizer.token_to_id(bos)), ("<|im_end|>", eos)])
     elif kind == "trimmed":  # GPT-2 style: offsets trimmed of their leading space
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    elif kind == "eos_pad":  # two tokens after the text: the trained tokens are not one run at the end
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="$A <|im_end|> <|endoftext|>", special_tokens=[("<|im_end|>", eos), ("<|endoftext|>", 0)])
     return tokenizer, eos
 
 
-@pytest.mark.parametrize("kind", ["plain", "bos", "bos_eos", "trimmed"])
+def base_with(tokenizer, tiny_base, directory):
+    """A base folder for `tokenize.run` (tokenizer.json, base.json) holding this tokenizer."""
+    base = Path(tempfile.mkdtemp(dir=directory))
+    tokenizer.save(str(base / "tokenizer.json"))
+    shutil.copy(tiny_base / "base.json", base / "base.json")
+    return base
+
+
+def runs_of_masked_labels(labels):
+    """How many separate runs of -100 a row's labels have (2 or more: the mask is not one prefix)."""
+    return sum(1 for i, label in enumerate(labels) if label == -100 and (i == 0 or labels[i - 1] != -100))
+
+
+@pytest.mark.parametrize("kind", ["plain", "bos", "bos_eos", "trimmed", "eos_pad"])
 @pytest.mark.parametrize("params", [TokenizeParams(max_length=512, batch_size=64),
                                     TokenizeParams(max_length=24, overlength="truncate", batch_size=7),
                                     TokenizeParams(max_length=24, overlength="drop"),
                                     TokenizeParams(max_length=30, train_on_prompt=True)], ids=str)
-def test_the_seam_shortcut_gives_exactly_the_token_by_token_rule(tiny_base, kind, params):
+def test_the_written_dataset_gives_exactly_the_token_by_token_rule(tiny_base, tmp_path, kind, params):
     tokenizer, eos = with_post_processor(tiny_base, kind)
     rows = seam_rows()
-    rejects, stats = [], {}
-    out = list(tok.tokenize_rows(rows, tokenizer, eos, params, rejects, stats))
+    out, rejects, stats = run_rows(base_with(tokenizer, tiny_base, tmp_path), rows, params, tmp_path)
     assert (out, rejects, stats) == reference_rows(rows, tokenizer, eos, params)
     assert out and (params.max_length > 100 or stats["truncated"] or rejects)
+    if kind == "eos_pad" and not params.train_on_prompt:  # record_batch's per-token path was taken
+        assert sum(runs_of_masked_labels(o["labels"]) == 2 for o in out) > len(out) // 2
 
 
 @pytest.mark.skipif(not (ROOT / "models/base/tokenizer.json").exists(), reason="no models/base (dvc repro import_base)")
-def test_the_seam_shortcut_on_the_project_base_tokenizer():
+def test_the_seam_shortcut_on_the_project_base_tokenizer(tmp_path):
     tokenizer, eos = tok.load_tokenizer(ROOT / "models/base")
     rows = seam_rows(1000, seed=1)
     for params in (TokenizeParams(max_length=512), TokenizeParams(max_length=20)):
-        rejects, stats = [], {}
-        out = list(tok.tokenize_rows(rows, tokenizer, eos, params, rejects, stats))
-        assert (out, rejects, stats) == reference_rows(rows, tokenizer, eos, params)
+        assert run_rows(ROOT / "models/base", rows, params, tmp_path) == reference_rows(rows, tokenizer, eos, params)
 
 
 def prompts_file(path, n):
@@ -236,18 +268,6 @@ def test_failure_mid_stage_leaves_previous_outputs_untouched(tiny_base, tmp_path
         tok.run(tmp_path / "p.jsonl", out, tiny_base, report, rejects, TokenizeParams(max_length=10, batch_size=100))
     assert (tree(out), report.read_bytes(), rejects.read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.jsonl", "rej.jsonl", "rep.json", "tok"]
-
-
-def test_tokenize_rows_reads_one_batch_at_a_time(tiny_base):
-    tokenizer, eos = tok.load_tokenizer(tiny_base)
-
-    def rows():
-        for i in range(10):
-            yield {"id": str(i), "prompt": "Q:", "completion": " yes"}
-        raise AssertionError("read past the first batch")
-
-    out = tok.tokenize_rows(rows(), tokenizer, eos, TokenizeParams(batch_size=10), [], {})
-    assert next(out)["id"] == "0"
 
 
 def test_no_row_left_is_a_clear_error_after_the_report(tiny_base, tmp_path):
