@@ -170,9 +170,12 @@ def nfc(text: str) -> str:
 
 def blank(text: str) -> bool:
     """Whether a tidied text shows nothing: empty, or only invisible characters (see _INVISIBLE_CATEGORIES).
-    A trimmed ASCII text shows something if it is not empty; another stops at its first visible character."""
+    A trimmed ASCII text shows something if it is not empty; another stops at its first visible character
+    (callers test `not text or not text.isascii() and blank(text)`: a call only for non-ASCII texts)."""
     if text.isascii():
         return not text
+    if text[0].isalnum() and text[0] not in _BLANK_LETTERS:  # most texts: a letter or digit first
+        return False
     for c in text:
         if c not in _BLANK_LETTERS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES:
             return False
@@ -190,14 +193,15 @@ def to_body(obj: dict, shape: str, tidy: Callable[[str], str], notes: list[str])
         if type(user) is not str or type(answer) is not str:
             return None
         user, answer = tidy(user), tidy(answer)
-        if blank(user) or blank(answer):
+        if not user or not answer or not (user.isascii() and answer.isascii()) and (blank(user) or blank(answer)):
             raise empty("input", user) if blank(user) else empty("output", answer)
     elif shape == "alpaca":
         instruction, answer, extra = obj.get("instruction"), obj.get("output"), obj.get("input", "")
         if type(instruction) is not str or type(answer) is not str or type(extra) is not str:
             return None
         instruction, answer = tidy(instruction), tidy(answer)
-        if blank(instruction) or blank(answer):
+        if not instruction or not answer or not (instruction.isascii() and answer.isascii()) \
+                and (blank(instruction) or blank(answer)):
             raise empty("instruction", instruction) if blank(instruction) else empty("output", answer)
         extra = tidy(extra)
         user = f"{instruction}\n\n{extra}" if not blank(extra) else instruction
@@ -227,7 +231,7 @@ def chat_body(messages: object, tidy: Callable[[str], str], notes: list[str]) ->
         del out[last + 1:]
         notes.append("trimmed_trailing_turns")
     for i, m in enumerate(out):
-        if blank(m["content"]):
+        if not m["content"] or not m["content"].isascii() and blank(m["content"]):
             raise empty(f"messages[{i}].content", m["content"])
     return orjson.dumps(out)
 
