@@ -63,7 +63,6 @@ from stages.jsonl import (
 )
 from stages.params import TokenizeParams
 
-FEATURES = {"id": "string", "input_ids": "int32", "labels": "int32", "length": "int32"}
 # The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
 # spelled out so that the workers need no `import datasets` (~1 s and ~90 MB each); a test holds it
 # equal to datasets.Features(...).arrow_schema.
