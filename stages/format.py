@@ -8,7 +8,18 @@ Templates (`template.name`):
   alpaca  "### Instruction:\n{input}\n\n### Response:\n{output}" under alpaca's preamble
   chat    the base tokenizer's own chat template (read from --base; only this template needs it)
 The prompt and the completion stay apart so that `tokenize` masks the prompt exactly. Multi-turn rows
-train on the LAST assistant turn; earlier turns become context in the prompt.
+train on the LAST assistant turn; earlier turns become context in the prompt. A chat template that
+raises on a row (validate keeps only the turn order every template renders, but a template may refuse
+more, e.g. a system turn) stops the stage with one line naming the row's id.
+
+Special tokens come from the template only, never from data (an answer holding the text
+`<|im_end|><|im_start|>system` stays that text). A prompt row says which special-token strings in
+prompt + completion are the template's, in the key `specials`:
+  absent        none: every character is text (qa, alpaca: those templates add no special token)
+  "all"         all of them (chat, when no data text holds a special-token string of the tokenizer)
+  [[start, end], ...]  these character spans only (chat, when a data text holds one): found by
+                rendering the row with each such string in the data replaced by a placeholder
+The input may be a pipe (`--input /dev/stdin`): it is read once into the stage's temporary folder first.
 
 Streaming: the input is cut into blocks of whole lines (~4 MB); for large inputs one worker process a
 core formats blocks into part files, which are appended to the output in input order. Memory stays at
@@ -19,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -26,6 +38,7 @@ import orjson
 
 from stages.errors import StageError
 from stages.jsonl import (
+    as_file,
     atomic_path,
     block_lines,
     block_spans,
@@ -77,20 +90,49 @@ def render_alpaca(context: list[dict], system: str | None) -> str:
 
 
 @functools.lru_cache(maxsize=4)  # once a process: a worker formats many blocks with it
-def chat_renderer(base: Path) -> Callable[[list[dict], str], tuple[str, str]]:
+def chat_renderer(base: Path) -> Callable[[list[dict], str], dict]:
+    """render(context, answer) -> {"prompt", "completion", "specials"} with the base's chat template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     if not tokenizer.chat_template:
         raise StageError(f"{base}: the tokenizer has no chat template; set template.name to qa or alpaca")
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+                      | set(tokenizer.all_special_tokens), key=len, reverse=True)  # longest first, as matched
+    special = re.compile("|".join(map(re.escape, specials)) or r"(?!)")
+    index = {s: i for i, s in enumerate(specials)}
+    # a placeholder for a special-token string in data: NUL cannot be in a clean text (validate removes it)
+    token = re.compile("\x00([0-9]+)\x00|" + special.pattern)
 
-    def render(context: list[dict], answer: str) -> tuple[str, str]:
+    def hide(text: str) -> str:
+        return special.sub(lambda m: f"\x00{index[m.group()]}\x00", text)
+
+    def apply(context: list[dict], answer: str) -> tuple[str, str]:
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(context + [{"role": "assistant", "content": answer}], tokenize=False)
         if not full.startswith(prompt):
             raise StageError(f"{base}: the chat template does not render the prompt as a prefix of the "
                              "conversation; use template.name qa or alpaca for this model")
         return prompt, full[len(prompt):].rstrip()
+
+    def render(context: list[dict], answer: str) -> dict:
+        prompt, completion = apply(context, answer)
+        if not any(special.search(text) for text in [answer] + [m["content"] for m in context]):
+            return {"prompt": prompt, "completion": completion, "specials": "all"}
+        hidden = apply([{**m, "content": hide(m["content"])} for m in context], hide(answer))
+        text, spans, at, n = [], [], 0, 0  # the row rendered again, its placeholders put back
+        for m in token.finditer(hidden[0] + hidden[1]):
+            text.append(m.string[at:m.start()])
+            n, at = n + m.start() - at, m.end()
+            if m.group(1) is None:  # the template's own
+                spans.append([n, n + len(m.group())])
+            text.append(m.group() if m.group(1) is None else specials[int(m.group(1))])
+            n += len(text[-1])
+        text.append(m.string[at:])
+        if "".join(text) != prompt + completion:
+            raise StageError(f"{base}: the chat template changes the texts it renders, so the special-token "
+                             "strings in this row's data cannot be told from its own: remove them from the row")
+        return {"prompt": prompt, "completion": completion, "specials": spans}
 
     return render
 
@@ -105,8 +147,19 @@ def format_rows(rows: Iterable[dict], template: TemplateParams, base: Path | Non
         if template.name == "chat":
             if template.system_prompt and not any(m["role"] == "system" for m in context):
                 context = [{"role": "system", "content": template.system_prompt}] + context
-            prompt, completion = chat(context, answer)
-        elif template.name == "alpaca":
+            try:
+                rendered = chat(context, answer)
+            except StageError as e:
+                raise StageError(f"row {row['id']}: {e}") from None
+            except Exception as e:  # what the template raises (jinja2's raise_exception) or breaks on
+                raise StageError(
+                    f"row {row['id']}: the chat template of {base} refuses it "
+                    f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); fix or drop the row in the raw "
+                    "data, unset template.system_prompt if the template refuses system turns, or set "
+                    "template.name to qa or alpaca") from None
+            yield {"id": row["id"], **rendered}
+            continue
+        if template.name == "alpaca":
             prompt, completion = render_alpaca(context, template.system_prompt), answer
         else:
             prompt, completion = render_qa(context, template.system_prompt), " " + answer
@@ -136,11 +189,12 @@ def run(input: Path, output: Path, template: TemplateParams, base: Path | None) 
         if base is None:
             raise StageError("template.name=chat needs --base (the base model directory with its tokenizer)")
         chat_renderer(base)  # fails here, before any worker starts, if the template is unusable
-    workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
     total = 0
     with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as out:
-        tasks = ((str(input), offset, size, template, base, str(tmp.parent / f"part-{offset}"))
-                 for offset, size in block_spans(input))
+        path = as_file(input, tmp.parent)  # a pipe is read into the temporary folder first
+        workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+        tasks = ((str(path), offset, size, template, base, str(tmp.parent / f"part-{offset}"))
+                 for offset, size in block_spans(path))
         for task, n in map_ordered(format_part, tasks, workers):
             with open(task[-1], "rb") as part:
                 out.write(part.read())

@@ -28,6 +28,8 @@ from typing import IO, TypeVar
 
 import orjson
 
+from stages.errors import StageError
+
 _BUFFER = 1 << 20  # 1 MiB write buffers: few syscalls, flat memory
 BLOCK = 4 << 20  # bytes of whole lines a block: ~13,000 rows of ~300 bytes; one task for a worker
 T = TypeVar("T")
@@ -73,6 +75,21 @@ def read_span(path: Path | str, offset: int, size: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(size)
+
+
+def as_file(path: Path, scratch: Path) -> Path:
+    """`path` when it is a regular file; a pipe (`--input /dev/stdin`, `<(...)`, a FIFO), which can be read
+    only once and has no size, is first copied into the folder `scratch` (a stage's temporary folder,
+    beside its output, removed with it) and the copy returned. A folder is refused."""
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise StageError(f"{path}: a folder where a JSONL file goes (point --input at a file)")
+    copy = scratch / f"input-{path.name}"
+    with open(path, "rb") as source, open(copy, "wb") as sink:
+        while chunk := source.read(_BUFFER):
+            sink.write(chunk)
+    return copy
 
 
 def block_lines(block: bytes) -> list[bytes]:

@@ -12,6 +12,14 @@ token (unless the completion already ends with it, as chat templates render it).
 newest context and the whole answer stay). A completion that does not fit even without a
 prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
 
+Special tokens: only the template's become control tokens; a special-token string in data (an answer
+holding `<|im_end|><|im_start|>system`) is encoded as the text it is. The prompt row says which are the
+template's (format's `specials`): none (qa, alpaca: encoded with the tokenizer's special-token
+splitting off, EOS appended by id), all (chat rows whose data holds none: encoded as they are), or
+character spans (chat rows whose data holds some, rare): the text between the spans is encoded with
+splitting off, each span is its token, and the post-processor's tokens (BOS...) go around them.
+The input may be a pipe (`--input /dev/stdin`): it is read once into the stage's temporary folder first.
+
 Streaming and speed: the prompts file is cut into blocks of whole lines (~8 MB, ~25k rows); each block
 becomes one .arrow shard, `tokenize.batch_size` rows at a time through the `tokenizers` library's batch
 API (Rust; no torch). Large inputs use a worker process a core, each with a one-thread tokenizer, so
@@ -42,6 +50,7 @@ import pyarrow as pa
 
 from stages.errors import StageError
 from stages.jsonl import (
+    as_file,
     atomic_path,
     atomic_writer,
     block_lines,
@@ -54,7 +63,6 @@ from stages.jsonl import (
 )
 from stages.params import TokenizeParams
 
-FEATURES = {"id": "string", "input_ids": "int32", "labels": "int32", "length": "int32"}
 # The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
 # spelled out so that the workers need no `import datasets` (~1 s and ~90 MB each); a test holds it
 # equal to datasets.Features(...).arrow_schema.
@@ -88,17 +96,82 @@ def load_tokenizer(base: Path):
 
 @dataclass(frozen=True)
 class Layout:
-    """How many special tokens the tokenizer's post-processor puts before (e.g. BOS) and after one text."""
+    """The special tokens the tokenizer's post-processor puts before (e.g. BOS) and after one text."""
 
     head: int
     tail: int
+    head_ids: tuple[int, ...] = ()
+    tail_ids: tuple[int, ...] = ()
 
 
 def layout(tokenizer) -> Layout:
-    special = tokenizer.encode("a").special_tokens_mask
+    enc = tokenizer.encode("a")
+    special = enc.special_tokens_mask
     head = next((i for i, s in enumerate(special) if not s), len(special))
     tail = next((i for i, s in enumerate(reversed(special)) if not s), 0)
-    return Layout(head, tail)
+    return Layout(head, tail, tuple(enc.ids[:head]), tuple(enc.ids[len(special) - tail:]))
+
+
+@dataclass
+class Segmented:
+    """The encoding of a text whose special tokens are given as character spans (see the docstring):
+    the parts of an Encoding that `answer_flags` reads."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    special_tokens_mask: list[int]  # 1 on the post-processor's tokens only, as an Encoding has it
+
+
+def encode_segments(tokenizer, text: str, spans: list[list[int]], lay: Layout) -> Segmented:
+    """`text` encoded with the special tokens at `spans` only; the tokenizer's special-token splitting
+    must be off (`encode_special_tokens`)."""
+    ids, offsets, at = list(lay.head_ids), [(0, 0)] * lay.head, 0
+    for start, end in [*spans, (len(text), len(text))]:
+        if start > at:
+            enc = tokenizer.encode(text[at:start], add_special_tokens=False)
+            ids += enc.ids
+            offsets += [(a + at, b + at) for a, b in enc.offsets]
+        if end > start:
+            token = tokenizer.token_to_id(text[start:end])
+            if token is None:
+                raise StageError(f"{text[start:end]!r} is not one token of this tokenizer; run `finetune format` "
+                                 "again with the same --base as tokenize")
+            ids.append(token)
+            offsets.append((start, end))
+        at = end
+    n = len(ids) - lay.head
+    return Segmented(ids + list(lay.tail_ids), offsets + [(0, 0)] * lay.tail,
+                     [1] * lay.head + [0] * n + [1] * lay.tail)
+
+
+def encode_rows(rows: list[dict], texts: list[str], tokenizer, lay: Layout) -> list:
+    """Each row's text encoded with special tokens where its `specials` says: a batch call for the rows
+    without spans (all of them but the rare chat row whose data holds a special-token string)."""
+    encodings: list = [None] * len(rows)
+    parse, plain, spans = [], [], []  # rows by `specials`: "all", absent, spans
+    for i, row in enumerate(rows):
+        specials = row.get("specials")
+        (plain if specials is None else parse if specials == "all" else spans).append(i)
+    for group, splitting in ((plain, False), (parse, True)):
+        if group:
+            tokenizer.encode_special_tokens = not splitting  # True: "<|im_end|>" in the text stays text
+            for i, enc in zip(group, tokenizer.encode_batch([texts[i] for i in group])):
+                encodings[i] = enc
+    tokenizer.encode_special_tokens = True
+    for i in spans:
+        encodings[i] = encode_segments(tokenizer, texts[i], rows[i]["specials"], lay)
+    return encodings
+
+
+def ends_with_eos(row: dict, text: str, eos_text: str) -> bool:
+    """Whether the template closed the completion with the EOS token (chat templates: `...<|im_end|>`)."""
+    specials = row.get("specials")
+    if specials is None:
+        return False
+    end = len(text.rstrip())
+    if specials == "all":
+        return text.endswith(eos_text, 0, end)
+    return bool(specials) and specials[-1][1] == end and text[specials[-1][0]:end] == eos_text
 
 
 def answer_flags(enc, cut: int) -> list[bool]:
@@ -138,11 +211,11 @@ def tokenize_batch(rows: list[dict], tokenizer, eos_id: int, params: TokenizePar
     texts = [r["prompt"] + r["completion"] for r in rows]
     keep_head = 1 if lay.head else 0  # keep BOS
     eos_text = tokenizer.id_to_token(eos_id)
-    for row, text, enc in zip(rows, texts, tokenizer.encode_batch(texts)):
+    for row, text, enc in zip(rows, texts, encode_rows(rows, texts, tokenizer, lay)):
         ids, cut = enc.ids, len(row["prompt"])
         # A chat template already closes the answer with the end token (`...<|im_end|>\n`): no second one.
-        ended = row["completion"].rstrip().endswith(eos_text)
-        n_prompt = first_answer_token(enc, cut, len(text), lay)
+        ended = ends_with_eos(row, text, eos_text)
+        n_prompt = None if type(enc) is Segmented else first_answer_token(enc, cut, len(text), lay)
         if n_prompt is not None:
             flags = None
             if not ended:
@@ -195,22 +268,6 @@ def batched(rows: Iterable[dict], n: int) -> Iterator[list[dict]]:
     it = iter(rows)
     while batch := list(itertools.islice(it, n)):
         yield batch
-
-
-def tokenize_rows(rows: Iterable[dict], tokenizer, eos_id: int, params: TokenizeParams,
-                  rejects: list[dict], stats: dict) -> Iterator[dict]:
-    """Prompt rows -> {"id", "input_ids", "labels", "length"}, a batch at a time; rows that cannot be
-    kept go to `rejects`, counts of truncated rows and trained tokens accumulate in `stats`."""
-    stats.setdefault("truncated", 0)
-    stats.setdefault("trained_tokens", 0)
-    lay = layout(tokenizer)
-    for batch in batched(rows, params.batch_size):
-        kept, rejected, counts = tokenize_batch(batch, tokenizer, eos_id, params, lay)
-        rejects.extend(rejected)
-        for key, n in counts.items():
-            stats[key] += n
-        for id_, ids, mask in kept:
-            yield {"id": id_, "input_ids": ids, "labels": labels_of(ids, mask), "length": len(ids)}
 
 
 def record_batch(kept: list[Kept], schema: pa.Schema) -> pa.RecordBatch:
@@ -331,15 +388,16 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
     if not input.exists():
         raise StageError(f"{input}: no such file (run `finetune format` first, or `dvc repro`)")
     load_tokenizer(base)  # a missing tokenizer fails here, before any worker starts
-    workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
     lengths = array("i")  # 4 bytes a kept row, for the percentiles
     stats, dropped, rows_in, nbytes, shards = Counter(), Counter(), 0, 0, []
     fingerprint = hashlib.sha256()  # of everything written, in order: same input, same bytes, same DVC hash
     rejects_file = atomic_writer(rejects_path) if rejects_path else contextlib.nullcontext()
     with atomic_path(output) as tmp, rejects_file as rejected:
         tmp.mkdir()
-        tasks = ((str(input), offset, size, base, params, str(tmp / f"shard-{i}.arrow"), workers == 1)
-                 for i, (offset, size) in enumerate(block_spans(input, BLOCK)))
+        path = as_file(input, tmp.parent)  # a pipe is read into the temporary folder first
+        workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+        tasks = ((str(path), offset, size, base, params, str(tmp / f"shard-{i}.arrow"), workers == 1)
+                 for i, (offset, size) in enumerate(block_spans(path, BLOCK)))
         for task, part in map_ordered(tokenize_part, tasks, workers):
             shards.append(Path(task[5]))
             rows_in, nbytes = rows_in + part.rows_in, nbytes + part.nbytes

@@ -8,9 +8,27 @@ Inputs: one JSON object a line, UTF-8 (a BOM and CRLF endings are accepted), in 
   qa      {"input": str, "output": str}            (the seed's shape)
   alpaca  {"instruction": str, "input"?: str, "output": str}
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
-after renaming fields by `data.field_map`. Extra fields are ignored.
+after renaming fields by `data.field_map`. Extra fields are ignored. The input may be a pipe
+(`--input /dev/stdin`, `<(...)`, a FIFO): it is read once into the stage's temporary folder first.
 Outputs: clean rows `{"id", "messages"}` (id = content hash of the normalised messages); rejects
 `{"line", "reason", "detail", "raw"}`; a report of counts. Invariant: kept + rejected + blank = lines read.
+An input with no row kept (empty, all blank or all rejected) fails here, after writing the rejects.
+
+Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject:
+- A chat row must be what every chat template renders: an optional system turn first, then user and
+  assistant turns alternating, from a user turn (Llama 2, Mistral and Gemma templates raise on anything
+  else). An assistant turn first, a system turn later, or two user (or assistant) turns in a row:
+  rejected, `turn_order`, with the fix in the detail.
+- Turns after the last assistant turn (a question left unanswered): the row is kept and trains on its
+  last assistant turn, as with TRL's and axolotl's assistant-only loss; the trailing turns, which would
+  train nothing, are dropped from the clean row (and its id), counted as `trimmed_trailing_turns`.
+- A text with no visible character (whitespace, control, or only zero-width/invisible characters:
+  U+200B, U+FEFF, U+2060, U+00AD, variation selectors, Hangul fillers...): `empty_field`, as an empty one.
+- A line holding bare CR line breaks between its rows (an old-Mac file is one such line): rejected,
+  `cr_line_breaks`, with the fix (convert CR to LF); a lone CR before the LF (CRLF) is fine.
+- JSON nested deeper than the parser's 1,024 levels: `too_deep`; a field nested deep where text goes:
+  `schema`, explained without walking the nesting. Numbers beyond a double (1e400, 400-digit integers):
+  `invalid_json`. A line of any size is read; over `validate.max_chars` of text: `too_long`.
 
 Streaming: the input is cut into blocks of whole lines (~4 MB, `jsonl.block_spans`); each block is
 checked on its own, in a worker process a core for inputs over 16 MB, and the blocks' results are
@@ -48,6 +66,7 @@ import orjson
 
 from stages.errors import StageError
 from stages.jsonl import (
+    as_file,
     atomic_path,
     atomic_writer,
     block_lines,
@@ -61,7 +80,10 @@ from stages.jsonl import (
 )
 from stages.params import DataParams, ValidateParams
 
-REASONS = ("invalid_json", "not_an_object", "schema", "empty_field", "duplicate", "too_long", "bad_encoding")
+REASONS = ("invalid_json", "not_an_object", "schema", "empty_field", "duplicate", "too_long", "bad_encoding",
+           "turn_order", "cr_line_breaks", "too_deep")
+# kept rows changed beyond normalisation, counted in the report: key -> how the summary line says it
+NOTES = {"trimmed_trailing_turns": "with the turns after their last assistant turn dropped"}
 PARALLEL_MIN_BYTES = 16 << 20  # inputs from 16 MB (~50k rows) use a worker per core; smaller ones run here
 
 _TEXT = {"type": "string"}
@@ -101,6 +123,11 @@ _CONTROL_ESCAPE = re.compile(rb"\\[bfru]")  # JSON escapes that can make one (\u
 _BOM = b"\xef\xbb\xbf"
 _USER, _ASSISTANT = b'[{"role":"user","content":', b'},{"role":"assistant","content":'  # see to_body
 _SHA256 = hashlib.sha256()
+# Characters that show nothing on their own: categories Cc, Cf (U+200B, U+FEFF, U+2060, U+00AD...),
+# Z* (spaces), Mn and Me (combining marks, variation selectors), and the blank letters and symbols
+# below (Hangul fillers, the braille blank), often used as invisible text.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 
 
 class Reject(Exception):
@@ -115,12 +142,15 @@ class Counts:
     blank: int = 0
     kept: int = 0
     rejected: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)  # of kept rows, by NOTES
+    first_reject: str = ""  # "line N: reason: detail" of the first one, for the no-usable-row error
 
     def report(self) -> dict:
         rejected = sum(self.rejected.values())
         out = {"lines": self.lines, "blank": self.blank, "kept": self.kept, "rejected": rejected}
         out["reject_fraction"] = round(rejected / max(1, self.lines - self.blank), 6)
         out.update({f"rejected_{r}": self.rejected.get(r, 0) for r in REASONS})
+        out.update({n: self.notes.get(n, 0) for n in NOTES})
         return out
 
 
@@ -138,35 +168,51 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
-def to_body(obj: dict, shape: str, tidy: Callable[[str], str]) -> bytes | None:
+def blank(text: str) -> bool:
+    """Whether a tidied text shows nothing: empty, or only invisible characters (see _INVISIBLE_CATEGORIES).
+    A trimmed ASCII text shows something if it is not empty; another stops at its first visible character
+    (callers test `not text or not text.isascii() and blank(text)`: a call only for non-ASCII texts)."""
+    if text.isascii():
+        return not text
+    if text[0].isalnum() and text[0] not in _BLANK_LETTERS:  # most texts: a letter or digit first
+        return False
+    for c in text:
+        if c not in _BLANK_LETTERS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES:
+            return False
+    return True
+
+
+def to_body(obj: dict, shape: str, tidy: Callable[[str], str], notes: list[str]) -> bytes | None:
     """The row in canonical chat form, its texts passed through `tidy`, serialised: the body of its clean
     line, hashed for its id. None exactly when the row breaks its shape's schema (a plain-Python check,
     ~0.3 us against ~3 us for a compiled schema: it must agree with SCHEMAS on anything orjson returns).
-    Raises Reject for a text that is empty once tidied."""
+    Raises Reject for a text that shows nothing once tidied, or a chat row out of turn; appends to
+    `notes` what was changed in a row it keeps (NOTES)."""
     if shape == "qa":
         user, answer = obj.get("input"), obj.get("output")
         if type(user) is not str or type(answer) is not str:
             return None
         user, answer = tidy(user), tidy(answer)
-        if not user or not answer:
-            raise empty("output" if user else "input")
+        if not user or not answer or not (user.isascii() and answer.isascii()) and (blank(user) or blank(answer)):
+            raise empty("input", user) if blank(user) else empty("output", answer)
     elif shape == "alpaca":
         instruction, answer, extra = obj.get("instruction"), obj.get("output"), obj.get("input", "")
         if type(instruction) is not str or type(answer) is not str or type(extra) is not str:
             return None
         instruction, answer = tidy(instruction), tidy(answer)
-        if not instruction or not answer:
-            raise empty("output" if instruction else "instruction")
+        if not instruction or not answer or not (instruction.isascii() and answer.isascii()) \
+                and (blank(instruction) or blank(answer)):
+            raise empty("instruction", instruction) if blank(instruction) else empty("output", answer)
         extra = tidy(extra)
-        user = f"{instruction}\n\n{extra}" if extra else instruction
+        user = f"{instruction}\n\n{extra}" if not blank(extra) else instruction
     else:
-        return chat_body(obj.get("messages"), tidy)
+        return chat_body(obj.get("messages"), tidy, notes)
     # orjson.dumps([{"role": "user", "content": user}, {"role": "assistant", "content": answer}]), byte
     # for byte, but ~0.1 us faster than making the two dicts and serialising them
     return b"".join((_USER, orjson.dumps(user), _ASSISTANT, orjson.dumps(answer), b"}]"))
 
 
-def chat_body(messages: object, tidy: Callable[[str], str]) -> bytes | None:
+def chat_body(messages: object, tidy: Callable[[str], str], notes: list[str]) -> bytes | None:
     """`to_body` for a chat row. Loops, not all() and any() over generators (~30% slower) nor a
     comprehension calling `tidy` (it would make `tidy` a closure cell, paid for on every call)."""
     if type(messages) is not list or len(messages) < 2:
@@ -176,16 +222,45 @@ def chat_body(messages: object, tidy: Callable[[str], str]) -> bytes | None:
         if type(m) is not dict or m.get("role") not in _ROLES or type(m.get("content")) is not str:
             return None
         out.append({"role": m["role"], "content": tidy(m["content"])})
-    if "assistant" not in [m["role"] for m in out]:
+    roles = [m["role"] for m in out]
+    if "assistant" not in roles:
         return None
+    check_turns(roles)
+    last = len(roles) - 1 - roles[::-1].index("assistant")
+    if last < len(out) - 1:  # an unanswered turn at the end trains nothing: the row trains on `last`
+        del out[last + 1:]
+        notes.append("trimmed_trailing_turns")
     for i, m in enumerate(out):
-        if not m["content"]:
-            raise empty(f"messages[{i}].content")
+        if not m["content"] or not m["content"].isascii() and blank(m["content"]):
+            raise empty(f"messages[{i}].content", m["content"])
     return orjson.dumps(out)
 
 
+def check_turns(roles: list[str]) -> None:
+    """Raises Reject unless the turns are an optional system turn, then user and assistant alternating
+    from a user turn: the one order that every chat template renders."""
+    start = 1 if roles[0] == "system" else 0
+    for i in range(start, len(roles)):
+        if roles[i] == ("user", "assistant")[(i - start) % 2]:
+            continue
+        if roles[i] == "system":
+            fix = "a system turn after the first turn; chat templates take the system prompt first only: " \
+                  "move it to messages[0] or drop it"
+        elif i == start:
+            fix = "an assistant turn before any user turn; chat templates (Llama 2, Mistral, Gemma...) refuse " \
+                  "a conversation that does not open with the user: drop it or put the user turn first"
+        else:
+            fix = f"a second {roles[i]} turn in a row; chat templates that need user and assistant to alternate " \
+                  "refuse it: merge the two turns into one"
+        raise Reject("turn_order", f"messages[{i}] is {fix}")
+
+
 def schema_error(obj: dict, shape: str) -> Reject:
-    """Why a row that `to_body` refused breaks its schema, in jsonschema's words."""
+    """Why a row that `to_body` refused breaks its schema, in jsonschema's words. It is shown the fields
+    that its schema names, cut below 8 levels: the schemas look 3 levels down, so the verdict is the
+    same, and its messages (a repr of the value) cannot recurse without bound on a field nested 1,000
+    deep, nor walk a large ignored field."""
+    obj = {k: shallow(obj[k]) for k in SCHEMAS[shape]["properties"] if k in obj}
     error = jsonschema.exceptions.best_match(_SCHEMAS[shape].iter_errors(obj))
     if error is None:
         raise AssertionError(f"to_body refused a {shape} row that its schema accepts: {obj!r:.300}")
@@ -193,8 +268,38 @@ def schema_error(obj: dict, shape: str) -> Reject:
     return Reject("schema", f"{shape} row: at '{where}': {error.message[:300]}")
 
 
-def empty(where: str) -> Reject:
+def shallow(value: object, depth: int = 8) -> object:
+    """`value` with each array or object deeper than `depth` levels replaced by the string "...". """
+    if isinstance(value, (list, dict)) and depth == 0:
+        return "..."
+    if isinstance(value, list):
+        return [shallow(v, depth - 1) for v in value]
+    if isinstance(value, dict):
+        return {k: shallow(v, depth - 1) for k, v in value.items()}
+    return value
+
+
+def empty(where: str, text: str) -> Reject:
+    if text:
+        return Reject("empty_field", f"'{where}' has no visible character, only invisible ones "
+                                     f"({', '.join(sorted({f'U+{ord(c):04X}' for c in text}))[:200]})")
     return Reject("empty_field", f"'{where}' is empty after trimming whitespace and control characters")
+
+
+def not_json(text: str, error: orjson.JSONDecodeError) -> Reject:
+    """Why a line that orjson refused is not one row of JSON."""
+    if error.msg.startswith("depth limit"):  # orjson stops at 1,024 levels
+        return Reject("too_deep", f"nested more than 1024 levels deep, the JSON parser's limit: {error}")
+    if "\r" in text:  # a raw CR inside JSON is only whitespace, so a row that parses before it was cut off
+        try:
+            orjson.loads(text.split("\r", 1)[0])
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return Reject("cr_line_breaks", f"{text.count(chr(13)) + 1} rows joined by bare CR line breaks "
+                          "(old Mac line endings) in one line: convert CR to LF (`tr '\\r' '\\n' < in > out`) "
+                          "and run again")
+    return Reject("invalid_json", f"not valid JSON: {error}")
 
 
 def decode(raw: bytes) -> str:
@@ -206,9 +311,9 @@ def decode(raw: bytes) -> str:
         raise Reject("bad_encoding", f"not UTF-8: {e}") from None
 
 
-def check_row(raw: bytes, data: DataParams, limits: ValidateParams) -> bytes | None:
+def check_row(raw: bytes, data: DataParams, limits: ValidateParams, notes: list[str]) -> bytes | None:
     """One raw line (bytes, BOM removed) -> the body of its clean line (see `to_body`), or None for a
-    blank line. Raises Reject."""
+    blank line. Raises Reject; appends to `notes` what was changed in a row it keeps."""
     try:
         obj = orjson.loads(raw)  # takes the bytes as they are: checks UTF-8, ignores the CR/LF ending
     except orjson.JSONDecodeError:
@@ -218,7 +323,7 @@ def check_row(raw: bytes, data: DataParams, limits: ValidateParams) -> bytes | N
         try:  # again on the text without its line ending, for the error message (a failing row only)
             obj = orjson.loads(text)
         except orjson.JSONDecodeError as e:
-            raise Reject("invalid_json", f"not valid JSON: {e}") from None
+            raise not_json(text, e) from None
     if not isinstance(obj, dict):
         raise Reject("not_an_object", f"a JSON {type(obj).__name__} where an object was expected")
     if data.field_map:
@@ -234,7 +339,7 @@ def check_row(raw: bytes, data: DataParams, limits: ValidateParams) -> bytes | N
     is_ascii = raw.isascii()
     controls = (0x7F in raw or (not is_ascii and 0xC2 in raw)
                 or (0x5C in raw and _CONTROL_ESCAPE.search(raw) is not None))
-    body = to_body(obj, shape, normalise if controls else str.strip if is_ascii else nfc)
+    body = to_body(obj, shape, normalise if controls else str.strip if is_ascii else nfc, notes)
     if body is None:
         raise schema_error(obj, shape)
     if len(body) > limits.max_chars:  # the body holds every character of the texts, and more: rarely counted
@@ -290,6 +395,7 @@ class Checked:
     starts: array = field(default_factory=lambda: array("q"))  # where their raw lines start in the block
     keys: bytearray = field(default_factory=bytearray)  # their 8-byte de-duplication keys, end to end
     rejects: list[tuple[int, str, str, bytes]] = field(default_factory=list)  # (line number, reason, detail, raw)
+    notes: list[tuple[int, str]] = field(default_factory=list)  # (index among the rows that passed, note)
 
 
 def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_start: bool = True) -> Checked:
@@ -302,14 +408,19 @@ def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_sta
     out = Checked(lines=len(lines))
     clean, keys = out.clean, out.keys
     ends, where, starts = [], [], []  # lists while filling (array.append parses its argument: 3x slower)
+    notes: list[str] = []  # of the row being checked
     with gc_paused():
         for n, raw in enumerate(lines, start=1):
             start, offset = offset, offset + len(raw) + 1
             try:
-                body = check_row(raw, data, limits)
+                body = check_row(raw, data, limits, notes)
             except Reject as r:
                 out.rejects.append((n, r.reason, r.detail, raw))
+                notes.clear()
                 continue
+            if notes:
+                out.notes += [(len(ends), note) for note in notes]
+                notes.clear()
             if body is None:
                 out.blank += 1
                 continue
@@ -357,6 +468,10 @@ def settle(checked: Checked, first_line: int, clean: bytes, seen: SeenKeys,
         rejects.sort(key=lambda r: r[0])
     counts.kept += len(fresh) - len(dups)
     counts.rejected.update(reason for _, reason, _, _ in rejects)
+    counts.notes.update(note for i, note in checked.notes if fresh[i])
+    if rejects and not counts.first_reject:
+        n, reason, detail, _ = rejects[0]
+        counts.first_reject = f"line {first_line + n - 1}: {reason}: {detail[:200]}".replace("\n", " ")
     return pieces, b"".join(reject_line(first_line + n - 1, reason, detail, raw) for n, reason, detail, raw in rejects)
 
 
@@ -382,11 +497,11 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
     if not input.exists():
         raise StageError(f"{input}: no such file (point --input at a JSONL file of rows)")
     counts, seen, first_line = Counts(), SeenKeys(), 1
-    workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
-    with open(input, "rb") as source, atomic_path(output) as tmp, \
-            open(tmp, "wb", buffering=1 << 20) as good, atomic_writer(rejects) as bad:
-        tasks = ((str(input), offset, size, data, limits, str(tmp.parent / f"part-{offset}"))
-                 for offset, size in block_spans(input))
+    with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as good, atomic_writer(rejects) as bad, \
+            open(path := as_file(input, tmp.parent), "rb") as source:  # a pipe is read into tmp.parent first
+        workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+        tasks = ((str(path), offset, size, data, limits, str(tmp.parent / f"part-{offset}"))
+                 for offset, size in block_spans(path))
         for (_, offset, size, *_, part), checked in map_ordered(check_part, tasks, workers):
             with open(part, "rb") as f:
                 clean = f.read()
@@ -401,8 +516,14 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
         write_json(report, summary)
     assert summary["kept"] + summary["rejected"] + summary["blank"] == summary["lines"]
     by_reason = ", ".join(f"{r}={c}" for r, c in counts.rejected.most_common()) or "none"
-    print(f"validate {input}: {summary['lines']} lines, kept {summary['kept']}, blank {summary['blank']}, "
+    noted = "".join(f" ({c} {NOTES[n]})" for n, c in counts.notes.items())
+    print(f"validate {input}: {summary['lines']} lines, kept {summary['kept']}{noted}, blank {summary['blank']}, "
           f"rejected {summary['rejected']} ({by_reason})", file=sys.stderr)
+    if not summary["kept"]:
+        first = f"; first: {counts.first_reject}" if counts.first_reject else ""
+        raise StageError(f"{input}: no usable row ({summary['lines']} lines: {summary['blank']} blank, "
+                         f"{summary['rejected']} rejected: {by_reason}{first}); see {rejects}, "
+                         "fix the data or point --input at another file")
     if summary["reject_fraction"] > limits.max_reject_fraction:
         raise StageError(
             f"{input}: {summary['rejected']} of {summary['lines'] - summary['blank']} rows rejected "

@@ -1,5 +1,8 @@
 import functools
 import json
+import os
+import shutil
+import threading
 import tracemalloc
 from pathlib import Path
 
@@ -10,6 +13,7 @@ from stages import jsonl, validate
 from stages.errors import StageError
 from stages.params import DataParams as Data
 from stages.params import ValidateParams as Validate
+from tests.conftest import sh
 
 # every field (params.yaml is the only source of defaults); a test overrides what it is about
 DataParams = functools.partial(Data, format="auto", field_map={})
@@ -218,3 +222,147 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path, monkeypatch):
         peaks[n] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[40_000] - peaks[10_000] < 30_000 * 24 + (256 << 10), peaks
+
+
+def deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+def test_pathological_values_are_each_a_counted_reject_or_kept(tmp_path, monkeypatch):
+    lines = [
+        b'{"input": "ok", "output": "fine"}',                                     # 1 ok
+        b'{"input": ' + deep(1000) + b', "output": "x"}',                        # 2 schema, explained shortly
+        b'{"input": "a", "output": "b", "extra": ' + deep(1023) + b'}',          # 3 ok: extra fields are ignored
+        b'{"input": "a", "output": "c", "extra": ' + deep(5000) + b'}',          # 4 too_deep (parser's limit)
+        b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ' + deep(990) + b'}]}',  # 5
+        b'{"messages": [{"role": "user", "content": "hi", "x": ' + deep(990) + b'}]}',  # 6 schema: no assistant
+        b'{"input": "big", "output": "int", "n": 1' + b"0" * 300 + b'}',          # 7 ok (read as a float)
+        b'{"input": "inf", "output": "x", "n": 1e400}',                          # 8 invalid_json
+        b'{"input": 1' + b"0" * 5000 + b', "output": "x"}',                      # 9 invalid_json
+        b'{"input": "long", "output": "' + b"y" * 10_000_000 + b'"}',            # 10 too_long
+        b'{"input": "wide", "output": "x", "extra": "' + b"z" * 10_000_000 + b'"}',  # 11 ok
+        b'{"input": [' + b"1," * 1_000_000 + b'1], "output": "x"}',              # 12 schema
+    ]
+    expected = {2: "schema", 4: "too_deep", 5: "schema", 6: "schema", 8: "invalid_json", 9: "invalid_json",
+                10: "too_long", 12: "schema"}
+    for workers in (False, True):
+        if workers:
+            monkeypatch.setattr(validate, "PARALLEL_MIN_BYTES", 0)
+        clean, rejects, s = run_lines(tmp_path, b"\n".join(lines) + b"\n")
+        assert {r["line"]: r["reason"] for r in rejects} == expected
+        assert s["kept"] == 4 and s["rejected_too_deep"] == 1 and s["rejected_schema"] == 4
+        assert all(len(r["detail"]) < 400 for r in rejects)
+        assert [c["messages"][0]["content"] for c in clean] == ["ok", "a", "big", "wide"]
+
+
+INVISIBLE = ["\u200b", "\ufeff", "\u2060", "\u00ad", "\ufe0f", "\u200b \u200d\u2063", "\u3164", "\u2800", "\u0301",
+             "\U000e0041"]
+
+
+def test_text_of_only_invisible_characters_is_an_empty_field(tmp_path):
+    lines = [orjson.dumps({"input": "q", "output": text}) for text in INVISIBLE]
+    lines += [orjson.dumps({"instruction": text, "output": "a"}) for text in INVISIBLE[:2]]
+    lines += [orjson.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "a"}]})
+              for text in INVISIBLE[:2]]
+    kept = ["\U0001f468\u200d\U0001f469", "e\u0301", "\u200bvisible", "\u00a0x", "\ue000"]  # shows something
+    lines += [orjson.dumps({"input": "q", "output": text}) for text in kept]
+    clean, rejects, s = run_lines(tmp_path, b"\n".join(lines))
+    assert [r["reason"] for r in rejects] == ["empty_field"] * 14 and s["rejected_empty_field"] == 14
+    assert "U+200B" in rejects[0]["detail"] and "'output'" in rejects[0]["detail"]
+    assert [c["messages"][1]["content"] for c in clean] == ["\U0001f468\u200d\U0001f469", "é", "\u200bvisible",
+                                                            "x", "\ue000"]
+
+
+def chat(roles, tag=""):
+    return orjson.dumps({"messages": [{"role": r, "content": f"{r} {i}{tag}"} for i, r in enumerate(roles)]})
+
+
+TURNS = [
+    (("user", "assistant"), None),
+    (("system", "user", "assistant", "user", "assistant"), None),
+    (("user", "assistant", "user"), "trimmed"),
+    (("system", "user", "assistant", "user"), "trimmed"),
+    (("assistant", "user", "assistant"), "turn_order"),
+    (("system", "assistant", "user", "assistant"), "turn_order"),
+    (("user", "system", "assistant"), "turn_order"),
+    (("system", "system", "user", "assistant"), "turn_order"),
+    (("user", "user", "assistant"), "turn_order"),
+    (("user", "assistant", "assistant"), "turn_order"),
+]
+# what Llama 2's, Mistral's and Gemma's templates check: roles alternate from a user turn
+STRICT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system = messages[0]['content'] %}"
+    "{% else %}{% set loop_messages = messages %}{% set system = '' %}{% endif %}"
+    "{% for m in loop_messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if m['role'] == 'user' %}[INST] {{ system if loop.first else '' }}{{ m['content'] }} [/INST]"
+    "{% else %}{{ m['content'] }}<|im_end|>{% endif %}{% endfor %}"
+)
+
+
+def strict_base(tiny_base, tmp_path):
+    base = tmp_path / "strict-base"
+    shutil.copytree(tiny_base, base)
+    (base / "chat_template.jinja").write_text(STRICT_TEMPLATE)
+    return base
+
+
+def test_chat_turn_order_fates_and_every_kept_row_formats_under_every_template(tmp_path, tiny_base):
+    from stages import format as fmt
+    from stages.params import TemplateParams
+
+    clean, rejects, s = run_lines(tmp_path, b"\n".join(chat(roles, n) for n, (roles, _) in enumerate(TURNS)))
+    fates = {i + 1: fate for i, (_, fate) in enumerate(TURNS)}
+    assert {r["line"]: r["reason"] for r in rejects} == {n: f for n, f in fates.items() if f == "turn_order"}
+    assert s["trimmed_trailing_turns"] == 2 and s["rejected_turn_order"] == 6 and s["kept"] == 4
+    assert [[m["role"] for m in c["messages"]][-1] for c in clean] == ["assistant"] * 4
+    assert "messages[0]" in rejects[0]["detail"] and "user turn first" in rejects[0]["detail"]
+    strict = strict_base(tiny_base, tmp_path)
+    for name, base in (("qa", None), ("alpaca", None), ("chat", tiny_base), ("chat", strict)):
+        assert len(list(fmt.format_rows(clean, TemplateParams(name=name, system_prompt=None), base))) == 4
+    # each rejected order is one that a strict template refuses
+    refused = [{"id": "x", "messages": [{"role": r, "content": "t"} for r in roles]}
+               for roles, fate in TURNS if fate == "turn_order" and roles[-1] == "assistant"]
+    for row in refused[:4]:
+        with pytest.raises(StageError, match=r"row x: the chat template .* refuses it .*alternate"):
+            list(fmt.format_rows([row], TemplateParams(name="chat", system_prompt=None), strict))
+
+
+def test_cr_only_line_endings_are_a_stated_reject(tmp_path):
+    rows = [b'{"input": "q%d", "output": "a%d"}' % (i, i) for i in range(3)]
+    clean, rejects, s = run_lines(tmp_path, b'{"input": "lf", "output": "ok"}\n' + b"\r".join(rows) + b"\r\n")
+    assert [r["reason"] for r in rejects] == ["cr_line_breaks"] and s["rejected_cr_line_breaks"] == 1
+    assert "3 rows" in rejects[0]["detail"] and "convert CR to LF" in rejects[0]["detail"]
+    assert len(clean) == 1  # CRLF endings stay fine
+    with pytest.raises(StageError, match=r"raw.jsonl: no usable row .*cr_line_breaks=1.*convert CR to LF.*rejects.jsonl"):
+        run_lines(tmp_path, b"\r".join(rows) + b"\r")
+
+
+@pytest.mark.parametrize("data", [b"", b"\n  \n\r\n", b'{"bad\n[1]\n{"input": "", "output": "x"}\n'],
+                         ids=["empty", "blank", "all rejected"])
+def test_no_usable_row_fails_at_validate_naming_input_and_rejects(tmp_path, data):
+    with pytest.raises(StageError, match=r"raw.jsonl: no usable row \(\d+ lines.*see .*rejects.jsonl") as e:
+        run_lines(tmp_path, data)
+    assert "\n" not in str(e.value)
+    assert len((tmp_path / "rejects.jsonl").read_bytes().splitlines()) == (3 if b"bad" in data else 0)
+
+
+def test_piped_input_is_read_as_a_file(tmp_path):
+    data = many_rows(500) + b"\r\n".join(HOSTILE) + b"\n"
+    _, _, direct = run_lines(tmp_path, data)
+    files = [(tmp_path / n).read_bytes() for n in ("clean.jsonl", "rejects.jsonl")]
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(data), daemon=True)
+    writer.start()
+    piped = validate.run(fifo, tmp_path / "clean.jsonl", tmp_path / "rejects.jsonl", None, DataParams(), LOOSE)
+    writer.join(10)
+    assert piped == direct and [(tmp_path / n).read_bytes() for n in ("clean.jsonl", "rejects.jsonl")] == files
+    # through the CLI, from stdin and from a process substitution
+    for command in (f"cat {tmp_path}/raw.jsonl | finetune validate --input /dev/stdin",
+                    f"bash -c 'finetune validate --input <(cat {tmp_path}/raw.jsonl)"):
+        quote = "'" if command.startswith("bash") else ""
+        proc = sh(f"{command} --output {tmp_path}/cli.jsonl --rejects {tmp_path}/cli-rej.jsonl "
+                  f"--params {ROOT}/params.yaml{quote}", tmp_path, check=False)
+        assert (tmp_path / "cli.jsonl").read_bytes() == files[0], proc.stderr
+        assert f"kept {direct['kept']}" in proc.stderr
