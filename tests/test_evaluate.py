@@ -15,6 +15,8 @@ from stages.params import DataParams, EvaluateParams, ModelParams, Params, Templ
 
 ROOT = Path(__file__).resolve().parent.parent
 NEW_TOKENS = 24
+ROWS = 24  # eval rows generated: 3 batches of 8
+REFERENCE: dict = {}  # (adapter on, eos ids) -> reference_generate(...), computed once
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +56,25 @@ def model_and_tokenizer(tiny_base, tiny_adapter):
 
 
 def prompts_of(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().splitlines()][:ROWS]
+
+
+def reference(model, tokenizer, prompts: list[str], name: str):
+    """reference_generate for the base (adapter disabled) or tuned model, computed once per EOS setting."""
+    key = (name, str(evaluate.eos_ids_of(model)))
+    if key not in REFERENCE:
+        with model.disable_adapter() if name == "base" else torch.no_grad():
+            REFERENCE[key] = reference_generate(model, tokenizer, prompts, NEW_TOKENS)
+    return REFERENCE[key]
 
 
 @torch.no_grad()
-def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[int]]:
+def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int):
     """Today's definition, one unpadded row at a time, always max_new_tokens (or to EOS): the answer cut at
-    the next turn, and the tokens up to and including the EOS or the one that completes a stop string."""
+    the next turn, the tokens up to and including the EOS or the one that completes a stop string, and
+    the generated ids."""
     eos = evaluate.eos_ids_of(model)
-    answers, counts = [], []
+    answers, counts, new_ids = [], [], []
     for p in prompts:
         ids = tokenizer(p, return_tensors="pt")["input_ids"]
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
@@ -72,7 +84,8 @@ def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int
         n = next((k for k in range(1, n + 1) if any(s in tokenizer.decode(new[:k], skip_special_tokens=True)
                                                      for s in evaluate.STOP)), n)
         counts.append(n)
-    return answers, counts
+        new_ids.append(new)
+    return answers, counts, new_ids
 
 
 @torch.no_grad()
@@ -87,16 +100,37 @@ def reference_loss(model, dataset) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("name", ["base", "tuned"])
-def test_sorted_batched_generation_equals_per_row_greedy(model_and_tokenizer, eval_data, name):
+@pytest.fixture
+def extra_eos(model_and_tokenizer, eval_data):
+    """The random tiny model never writes a stop string and seldom its EOS; so that rows end early at
+    different steps, make a token it does write (in most rows, not first) an EOS of its generation config."""
+    from collections import Counter
+
     model, tokenizer = model_and_tokenizer
     prompts = [r["prompt"] for r in prompts_of(eval_data[0])]
+    new = reference(model, tokenizer, prompts, "tuned")[2]
+    token = Counter(t for row in new for t in set(row[1:]) - {row[0]}).most_common(1)[0][0]
+    config = model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = [saved, token]
+    yield token
+    config.eos_token_id = saved
+
+
+@pytest.mark.parametrize("name", ["base", "tuned"])
+@pytest.mark.parametrize("early", [False, True], ids=["own-eos", "extra-eos"])
+def test_sorted_batched_generation_equals_per_row_greedy(model_and_tokenizer, eval_data, request, name, early):
+    model, tokenizer = model_and_tokenizer
+    if early:
+        request.getfixturevalue("extra_eos")
+    prompts = [r["prompt"] for r in prompts_of(eval_data[0])]
+    ref_answers, ref_counts, _ = reference(model, tokenizer, prompts, name)
     with model.disable_adapter() if name == "base" else torch.no_grad():
-        ref_answers, ref_counts = reference_generate(model, tokenizer, prompts, NEW_TOKENS)
         answers, generated = evaluate.generate(model, tokenizer, prompts, 8, NEW_TOKENS)
     assert answers == ref_answers  # same answers, in input order
     assert generated == sum(ref_counts)
-    assert generated < len(prompts) * NEW_TOKENS, "no row stopped early: the test does not cover early stopping"
+    if early and name == "tuned":
+        assert len(set(ref_counts)) > 3, "rows should end at different steps"
 
 
 def test_base_and_tuned_answers_differ(model_and_tokenizer, eval_data):
@@ -155,7 +189,7 @@ def test_stop_criterion_fires_where_cut_at_stop_cuts(model_and_tokenizer, genera
 def test_run_writes_metrics_and_samples_in_input_order(tmp_path, tiny_base, tiny_adapter, eval_data,
                                                        model_and_tokenizer):
     prompts_path, tokenized = eval_data
-    params = Params(evaluate=EvaluateParams(batch_size=8, max_new_tokens=NEW_TOKENS, max_generate_rows=20))
+    params = Params(evaluate=EvaluateParams(batch_size=8, max_new_tokens=NEW_TOKENS, max_generate_rows=ROWS))
     results = evaluate.run(tiny_adapter, tiny_base, tokenized, prompts_path, tmp_path / "eval.json",
                            tmp_path / "samples.jsonl", params)
     assert json.loads((tmp_path / "eval.json").read_text()) == results
@@ -163,10 +197,11 @@ def test_run_writes_metrics_and_samples_in_input_order(tmp_path, tiny_base, tiny
         for key in ("loss", "perplexity", "exact_match", "token_f1", "rouge_l", "loss_seconds", "generate_seconds",
                     "generated_tokens", "generated_tokens_per_s"):
             assert f"{name}_{key}" in results
-        assert 0 < results[f"{name}_generated_tokens"] <= 20 * NEW_TOKENS
-    rows = prompts_of(prompts_path)[:20]
+        assert 0 < results[f"{name}_generated_tokens"] <= ROWS * NEW_TOKENS
+    rows = prompts_of(prompts_path)
     samples = prompts_of(tmp_path / "samples.jsonl")
     assert [s["id"] for s in samples] == [r["id"] for r in rows]
     model, tokenizer = model_and_tokenizer
-    assert [s["tuned"] for s in samples] == reference_generate(model, tokenizer, [r["prompt"] for r in rows],
-                                                               NEW_TOKENS)[0]
+    prompts = [r["prompt"] for r in rows]
+    assert [s["tuned"] for s in samples] == reference(model, tokenizer, prompts, "tuned")[0]
+    assert [s["base"] for s in samples] == reference(model, tokenizer, prompts, "base")[0]
