@@ -161,7 +161,7 @@ def eos_ids_of(model) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
-             desc: str = "generate") -> tuple[list[str], int]:
+             desc: str = "generate", **generate_kwargs) -> tuple[list[str], int]:
     """Greedy answers (cut at the next turn) in input order, and the number of tokens generated: per
     row up to its EOS or stop string, at most max_new_tokens. A batch ends when all its rows have."""
     from tqdm.auto import tqdm
@@ -179,7 +179,8 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
             width = batch["input_ids"].shape[1]
             stop = StopAtTurnEnd(tokenizer, width, eos_ids, len(idx), device)
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([stop]))
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([stop]),
+                                 **generate_kwargs)
             texts = tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
             for i, text in zip(idx, texts):
                 out[i] = cut_at_stop(text)
@@ -190,10 +191,11 @@ def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_toke
 
 
 def dequantize_for_inference(model):
-    """4-bit weights -> the same values in the compute dtype, when the GPU has room for twice their
-    size (weights + KV cache and activations): bitsandbytes de-quantises every weight at every
-    decoding step of a batch, so holding them de-quantised gives the same products without that work.
-    The adapter stays un-merged on top, as it was trained and as the loss pass measures it."""
+    """In place: 4-bit weights -> the same values in the compute dtype, when the GPU has room for twice
+    their size (weights + KV cache and activations). For more than one token bitsandbytes de-quantises
+    each weight at every call (dequantize_4bit, then a 16-bit matmul), so holding them de-quantised gives
+    the same products without that work at every decoding step. Call it on the base model under the
+    adapter: PEFT's 4-bit LoRA layers stay, un-merged, with their arithmetic, as the adapter was trained."""
     if getattr(model, "hf_quantizer", None) is None or not torch.cuda.is_available():
         return model
     import bitsandbytes as bnb
@@ -232,8 +234,8 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    base_model = dequantize_for_inference(load_base_model(base, params.model, inference=True))
-    model = PeftModel.from_pretrained(base_model, adapter).eval()
+    model = PeftModel.from_pretrained(load_base_model(base, params.model, inference=True), adapter).eval()
+    dequantize_for_inference(model.get_base_model())
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
