@@ -10,6 +10,12 @@
   (`evaluate.max_generate_rows`, 0 = all), cut at the template's next turn ("\n###"); against the
   reference answer: exact match (case/punctuation-insensitive), token F1 (SQuAD-style) and ROUGE-L F1.
 One model is loaded; the base model's figures come from the same weights with the adapter disabled.
+Speed without changing a figure: both passes take rows length-sorted (loss: `evaluate.batch_size` x 256
+padded tokens a batch; generation: `evaluate.batch_size` prompts) and put results back in input order;
+a generation batch ends once every row has produced EOS or a stop string (the cut answer cannot change
+after it); on CUDA the 4-bit weights are held de-quantised under the adapter when the GPU has room.
+A progress bar shows rows/s; eval.json also records per model the loss pass's and the generation
+pass's seconds, the generated tokens (per row up to its EOS or stop) and tokens/s.
 metrics/eval.json has flat keys (base_loss, tuned_loss, ...) so `dvc exp show` and
 `dvc metrics diff` read well; reports/eval_samples.jsonl has prompt, reference, base and tuned answers.
 """
