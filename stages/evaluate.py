@@ -27,6 +27,7 @@ import torch
 
 from stages.errors import StageError
 from stages.jsonl import read_jsonl, write_json, write_jsonl
+from stages.outputs import staged
 from stages.params import Params
 
 log = logging.getLogger("finetune")
@@ -157,9 +158,10 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
         log.info("evaluate %s: loss %.4f, ppl %.2f, token F1 %.3f, ROUGE-L %.3f", name, loss,
                  results[f"{name}_perplexity"], results[f"{name}_token_f1"], results[f"{name}_rouge_l"])
     results["rows_loss"], results["rows_generated"] = len(eval_ds), len(rows)
-    write_json(metrics, results)
-    write_jsonl(samples, ({"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
-                          for r, ref, b, t in zip(rows, refs, answers["base"], answers["tuned"])))
+    with staged(metrics, samples) as (metrics_tmp, samples_tmp):  # both or neither
+        write_json(metrics_tmp, results)
+        write_jsonl(samples_tmp, ({"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
+                                  for r, ref, b, t in zip(rows, refs, answers["base"], answers["tuned"])))
     print(table(results))
     return results
 

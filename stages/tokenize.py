@@ -42,8 +42,6 @@ import pyarrow as pa
 
 from stages.errors import StageError
 from stages.jsonl import (
-    atomic_path,
-    atomic_writer,
     block_lines,
     block_spans,
     cpu_count,
@@ -52,6 +50,7 @@ from stages.jsonl import (
     read_span,
     write_json,
 )
+from stages.outputs import staged
 from stages.params import TokenizeParams
 
 FEATURES = {"id": "string", "input_ids": "int32", "labels": "int32", "length": "int32"}
@@ -335,8 +334,8 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
     lengths = array("i")  # 4 bytes a kept row, for the percentiles
     stats, dropped, rows_in, nbytes, shards = Counter(), Counter(), 0, 0, []
     fingerprint = hashlib.sha256()  # of everything written, in order: same input, same bytes, same DVC hash
-    rejects_file = atomic_writer(rejects_path) if rejects_path else contextlib.nullcontext()
-    with atomic_path(output) as tmp, rejects_file as rejected:
+    with staged(output, rejects_path, report) as (tmp, rejects_tmp, report_tmp), \
+            (open(rejects_tmp, "wb", buffering=1 << 20) if rejects_tmp else contextlib.nullcontext()) as rejected:
         tmp.mkdir()
         tasks = ((str(input), offset, size, base, params, str(tmp / f"shard-{i}.arrow"), workers == 1)
                  for i, (offset, size) in enumerate(block_spans(input, BLOCK)))
@@ -355,9 +354,9 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
             with pa.OSFile(str(shards[0]), "wb") as sink:
                 pa.ipc.new_stream(sink, SCHEMA).close()
         write_dataset_files(tmp, shards, len(lengths), nbytes, fingerprint.hexdigest()[:16])
-    summary = length_report(np.frombuffer(lengths, dtype=np.int32), stats, dropped, rows_in)
-    if report:
-        write_json(report, summary)
+        summary = length_report(np.frombuffer(lengths, dtype=np.int32), stats, dropped, rows_in)
+        if report:
+            write_json(report_tmp, summary)
     if not lengths:
         raise StageError(f"{input}: no row left after tokenization; see {rejects_path} and tokenize.max_length")
     return summary

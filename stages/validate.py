@@ -48,8 +48,6 @@ import orjson
 
 from stages.errors import StageError
 from stages.jsonl import (
-    atomic_path,
-    atomic_writer,
     block_lines,
     block_spans,
     cpu_count,
@@ -59,6 +57,7 @@ from stages.jsonl import (
     read_span,
     write_json,
 )
+from stages.outputs import staged
 from stages.params import DataParams, ValidateParams
 
 REASONS = ("invalid_json", "not_an_object", "schema", "empty_field", "duplicate", "too_long", "bad_encoding")
@@ -383,8 +382,8 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
         raise StageError(f"{input}: no such file (point --input at a JSONL file of rows)")
     counts, seen, first_line = Counts(), SeenKeys(), 1
     workers = cpu_count() if input.stat().st_size >= PARALLEL_MIN_BYTES else 1
-    with open(input, "rb") as source, atomic_path(output) as tmp, \
-            open(tmp, "wb", buffering=1 << 20) as good, atomic_writer(rejects) as bad:
+    with open(input, "rb") as source, staged(output, rejects, report) as (tmp, rejects_tmp, report_tmp), \
+            open(tmp, "wb", buffering=1 << 20) as good, open(rejects_tmp, "wb", buffering=1 << 20) as bad:
         tasks = ((str(input), offset, size, data, limits, str(tmp.parent / f"part-{offset}"))
                  for offset, size in block_spans(input))
         for (_, offset, size, *_, part), checked in map_ordered(check_part, tasks, workers):
@@ -396,9 +395,9 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
             good.writelines(pieces)
             bad.write(rejected)
             first_line += checked.lines
-    summary = counts.report()
-    if report:
-        write_json(report, summary)
+        summary = counts.report()
+        if report:
+            write_json(report_tmp, summary)
     assert summary["kept"] + summary["rejected"] + summary["blank"] == summary["lines"]
     by_reason = ", ".join(f"{r}={c}" for r, c in counts.rejected.most_common()) or "none"
     print(f"validate {input}: {summary['lines']} lines, kept {summary['kept']}, blank {summary['blank']}, "
