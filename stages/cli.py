@@ -102,7 +102,8 @@ def import_base(
 
     p = _params(params)
     source = Path(p.model.source).expanduser()
-    check({"model.source": source if source.exists() else None, "--params": params}, {"--output": (output, BASE)})
+    check({"model.source": source if source.exists() else None, "--params": params},
+          {"--output": (output, BASE)})
     from stages import import_base as stage
 
     meta = stage.run(output, p.model)
@@ -149,8 +150,8 @@ def evaluate(
     from stages.outputs import METRICS, SAMPLES, check
 
     p = _params(params)
-    check({"--adapter": adapter, "--base": base, "--tokenized": tokenized, "--prompts": prompts, "--params": params},
-           {"--metrics": (metrics, METRICS), "--samples": (samples, SAMPLES)})
+    check({"--adapter": adapter, "--base": base, "--tokenized": tokenized, "--prompts": prompts,
+           "--params": params}, {"--metrics": (metrics, METRICS), "--samples": (samples, SAMPLES)})
     from stages import evaluate as stage
 
     stage.run(adapter, base, tokenized, prompts, metrics, samples, p)

@@ -105,14 +105,24 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _end_with_parent(parent: int) -> None:
-    """Worker initializer: the worker dies with the process that started it, killed or not. On Linux
-    the kernel sends it SIGKILL (PR_SET_PDEATHSIG); elsewhere, and if the parent died before that was
-    set, a thread notices that the parent changed and ends the worker within a second."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+# libc's prctl, looked up here: a child between fork and exec (a subprocess preexec_fn) must not dlopen
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` (the pid of its parent) does, even killed by SIGKILL: on
+    Linux the kernel then sends it SIGKILL (PR_SET_PDEATHSIG, kept across exec); a parent already gone
+    ends it now. Safe as a subprocess `preexec_fn`."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: `die_with_parent`, and where the kernel cannot do it (not Linux) a thread that
+    notices the parent changed and ends the worker within a second."""
+    die_with_parent(parent)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
 
@@ -133,7 +143,8 @@ def map_ordered(fn: Callable[..., T], tasks: Iterable[tuple], workers: int, in_f
     # fork starts a worker in milliseconds and inherits the imports; elsewhere spawn, the safe default.
     # An executor, not a Pool: a worker that dies (killed, out of memory) fails the stage, not hangs it.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent,
+                               initargs=(os.getpid(),))
     try:
         pending: deque = deque()
         for task in tasks:

@@ -93,11 +93,12 @@ METRICS = Kind("a metrics file (a JSON object)", False, json_object)
 TOKENIZED = Kind("a tokenized dataset (a folder with state.json and dataset_info.json)", True,
                  folder_with("state.json", "dataset_info.json"))
 BASE = Kind("a base model (a folder with base.json)", True, folder_with("base.json"))
-ADAPTER = Kind("a LoRA adapter (a folder with adapter_config.json)", True, folder_with("adapter_config.json"))
+ADAPTER = Kind("a LoRA adapter (a folder with adapter_config.json)", True,
+               folder_with("adapter_config.json"))
 MERGED = Kind("a merged model (a folder with config.json and lineage.json)", True,
               folder_with("config.json", "lineage.json"))
 PLOTS = Kind("plots (a folder of .csv files)", True, only_files(".csv"))
-CHECKPOINTS = Kind("checkpoints (a folder of run folders)", True, lambda path: True)  # written in, never replaced
+CHECKPOINTS = Kind("checkpoints (a folder of run folders)", True, lambda path: True)  # written in, kept
 
 
 # --- the check before a stage starts ----------------------------------------------------------------
@@ -110,14 +111,15 @@ def _within(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
-def check(inputs: dict[str, Path | Iterable[Path] | None], outputs: dict[str, tuple[Path | None, Kind]]) -> None:
+def check(inputs: dict[str, Path | Iterable[Path] | None],
+          outputs: dict[str, tuple[Path | None, Kind]]) -> None:
     """Refuse (StageError, one line) outputs that would lose something; see the module docstring.
     `inputs`: option -> path(s) the command reads; `outputs`: option -> (path or None, its Kind)."""
     ins = [(opt, Path(p)) for opt, ps in inputs.items() if ps is not None
            for p in ([ps] if isinstance(ps, (str, Path)) else ps)]
     outs = [(opt, Path(p), kind) for opt, (p, kind) in outputs.items() if p is not None]
     for opt, path, kind in outs:
-        parent = next(p for p in path.parents if os.path.lexists(p))  # "." or "/" at the last
+        parent = next((p for p in path.parents if os.path.lexists(p)), path)  # "." or "/" at the last
         if not parent.is_dir():
             raise StageError(f"{opt} {path}: {parent} is a file, not a folder; choose a path in a folder")
         if path.exists() and path.is_dir() != kind.folder:
@@ -125,8 +127,8 @@ def check(inputs: dict[str, Path | Iterable[Path] | None], outputs: dict[str, tu
             raise StageError(f"{opt} {path} is {has}, where {opt} takes {needs}: {kind.what}; "
                              f"give the path of {needs}")
         if not os.access(parent, os.W_OK):
-            raise StageError(f"{opt} {path}: cannot write in {parent} (read-only file system or no permission); "
-                             "choose a writable path")
+            raise StageError(f"{opt} {path}: cannot write in {parent} (read-only file system or no "
+                             "permission); choose a writable path")
     real = [(opt, path, path.resolve()) for opt, path, _ in outs]
     for i, (opt, path, r) in enumerate(real):
         for iopt, ipath in ins:
@@ -141,9 +143,10 @@ def check(inputs: dict[str, Path | Iterable[Path] | None], outputs: dict[str, tu
             if r == r2:
                 raise StageError(f"{opt} {path} is also {opt2}; give each output a path of its own")
             if _within(r, r2) or _within(r2, r):
-                inner, outer = ((opt, path), (opt2, path2)) if _within(r, r2) else ((opt2, path2), (opt, path))
-                raise StageError(f"{inner[0]} {inner[1]} is inside {outer[0]} {outer[1]}, which the stage "
-                                 "replaces; give each output a path of its own")
+                inner, outer = (f"{opt} {path}", f"{opt2} {path2}") if _within(r, r2) else \
+                    (f"{opt2} {path2}", f"{opt} {path}")
+                raise StageError(f"{inner} is inside {outer}, which the stage replaces; give each output "
+                                 "a path of its own")
     for opt, path, kind in outs:
         if path.exists() and not _is_empty(path) and not kind.own(path):
             raise StageError(f"{opt} {path} exists and is not {kind.what}; a stage replaces only its own "
@@ -187,7 +190,8 @@ def _owns(target: Path, name: Path) -> bool:
     parent folder made for it."""
     target = target.absolute()
     return _within(name, target) or _within(target, name) or any(
-        p.parent == target.parent and p.name.startswith(f".{target.name}{_TMP}") for p in (name, *name.parents))
+        p.parent == target.parent and p.name.startswith(f".{target.name}{_TMP}")
+        for p in (name, *name.parents))
 
 
 def _full(paths: list[Path]) -> list[Path]:
@@ -212,8 +216,8 @@ def _write_error(e: OSError, targets: list[Path], committing: bool) -> StageErro
         where = _full(targets)
     paths = ", ".join(str(_shown(t)) for t in (where or targets))
     step = "cannot move the new output into place at" if committing else "cannot write"
-    return StageError(f"{step} {paths} ({e.strerror or e}); nothing was replaced, the previous outputs are as "
-                      "they were: free space, make the folder writable or choose another path")
+    return StageError(f"{step} {paths} ({e.strerror or e}); nothing was replaced, the previous outputs "
+                      "are as they were: free space, make the folder writable or choose another path")
 
 
 def _commit(pairs: list[tuple[Path, Path]]) -> None:
@@ -222,8 +226,8 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
     try:
         for tmp, target in pairs:
             if os.path.lexists(tmp) and os.path.lexists(target) and tmp.is_dir() != target.is_dir():
-                raise StageError(f"{target}: would replace a {'folder' if target.is_dir() else 'file'} with a "
-                                 f"{'folder' if tmp.is_dir() else 'file'}; nothing was replaced")
+                kinds = ["a folder" if p.is_dir() else "a file" for p in (target, tmp)]
+                raise StageError(f"{target}: would replace {kinds[0]} with {kinds[1]}; nothing was replaced")
             previous = None
             if os.path.lexists(target):
                 previous = tmp.parent / ".previous"

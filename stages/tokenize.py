@@ -335,7 +335,7 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
     stats, dropped, rows_in, nbytes, shards = Counter(), Counter(), 0, 0, []
     fingerprint = hashlib.sha256()  # of everything written, in order: same input, same bytes, same DVC hash
     with staged(output, rejects_path, report) as (tmp, rejects_tmp, report_tmp), \
-            (open(rejects_tmp, "wb", buffering=1 << 20) if rejects_tmp else contextlib.nullcontext()) as rejected:
+            open(rejects_tmp, "wb") if rejects_tmp else contextlib.nullcontext() as rejected:
         tmp.mkdir()
         tasks = ((str(input), offset, size, base, params, str(tmp / f"shard-{i}.arrow"), workers == 1)
                  for i, (offset, size) in enumerate(block_spans(input, BLOCK)))

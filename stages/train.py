@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
@@ -36,7 +37,7 @@ from transformers import TrainerCallback
 
 from stages import lineage
 from stages.errors import StageError
-from stages.jsonl import file_md5, write_json
+from stages.jsonl import die_with_parent, file_md5, write_json
 from stages.modeling import read_base_json, under_fsdp
 from stages.outputs import staged
 from stages.params import Params, as_dict, load_params
@@ -122,7 +123,8 @@ def relaunch_under_accelerate(config: str) -> bool:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "--num_processes", str(n_gpus), "-m", "stages.cli", *sys.argv[1:]]
     log.info("%d GPUs: %s", n_gpus, " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
+    subprocess.run(cmd, check=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
     return True
 
 
@@ -340,6 +342,8 @@ def _finish_wandb(params: Params) -> None:
 
 
 def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
+    if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
+        die_with_parent(os.getppid())
     params = load_params(params_path)
     if params.train.checkpoint_sync and "LOCAL_RANK" not in os.environ:  # once, before any worker starts
         run_id = fingerprint(params, train_data, read_base_json(base))
