@@ -4,17 +4,19 @@ A stage writes only its declared outputs and replaces only what is its own kind 
 
 - `check(inputs, outputs)` runs before anything is read or written (each command in stages/cli.py
   calls it with its options). It refuses, with one line naming the option, the path and the fix: an
-  output whose parent is a file; a folder where a file goes or a file where a folder goes; an output
-  equal to an input or to another output, or inside one (or holding one); an existing path that is
-  not this stage's own kind of output (`Kind.own`: e.g. a clean JSONL whose first row has id and
-  messages, a tokenized dataset folder with state.json); a destination that is read-only. A missing
-  path, an empty file and an empty folder are fine.
+  output whose parent is a file; a device or pipe (/dev/null, /dev/stdout); a folder where a file
+  goes or a file where a folder goes; an output equal to an input or to another output, or inside
+  one (or holding one); an existing path that is not this stage's own kind of output (`Kind.own`:
+  e.g. a clean JSONL whose first row has id and messages, a tokenized dataset folder with
+  state.json); a destination that is read-only. A missing path, an empty file and an empty folder
+  are fine.
 - `staged(*paths)` gives a temporary path beside each target (in a hidden folder `.NAME.tmp<pid>-...`
   of the same parent, so on the same file system) and, when the block ends without an error, renames
   them all into place: either all the new outputs or all the old ones (a rename that fails puts back
   those already moved). On an error nothing at the targets changes; a write that fails (read-only,
   full disk) is one line naming the path. The temporary folders go at the end, and those of a run that
-  was killed go at the next run.
+  was killed go at the next run (a previous output moved aside by a run killed while committing is
+  put back first).
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def check(inputs: dict[str, Path | Iterable[Path] | None],
         parent = next((p for p in path.parents if os.path.lexists(p)), path)  # "." or "/" at the last
         if not parent.is_dir():
             raise StageError(f"{opt} {path}: {parent} is a file, not a folder; choose a path in a folder")
+        if path.exists() and not (path.is_file() or path.is_dir()):
+            raise StageError(f"{opt} {path} is a device, pipe or socket, not a file a stage can replace; "
+                             "give the path of a file (to see a report, print the file afterwards)")
         if path.exists() and path.is_dir() != kind.folder:
             has, needs = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
             raise StageError(f"{opt} {path} is {has}, where {opt} takes {needs}: {kind.what}; "
@@ -177,11 +182,15 @@ def _alive(pid: int) -> bool:
 
 def _clear_stale(path: Path) -> None:
     """Remove the temporary folders beside `path` left by runs that were killed (SIGKILL, power cut):
-    those whose process (the pid in the name) is gone, and those of unknown origin."""
+    those whose process (the pid in the name) is gone, and those of unknown origin. A run killed while
+    committing, between moving the previous output aside and the new one in, left the previous one
+    there: it goes back to `path`."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}{_TMP}*"):
         pid = stale.name[1 + len(path.name) + len(_TMP):].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue  # a run still going (a parallel one): its folder stays
+        if not os.path.lexists(path) and os.path.lexists(stale / ".previous"):
+            os.replace(stale / ".previous", path)
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -225,7 +234,9 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
     done = []  # (target, temporary, where the previous target went or None, placed)
     try:
         for tmp, target in pairs:
-            if os.path.lexists(tmp) and os.path.lexists(target) and tmp.is_dir() != target.is_dir():
+            if not os.path.lexists(tmp):  # not written: the target stays as it is
+                continue
+            if os.path.lexists(target) and tmp.is_dir() != target.is_dir():
                 kinds = ["a folder" if p.is_dir() else "a file" for p in (target, tmp)]
                 raise StageError(f"{target}: would replace {kinds[0]} with {kinds[1]}; nothing was replaced")
             previous = None
@@ -233,9 +244,8 @@ def _commit(pairs: list[tuple[Path, Path]]) -> None:
                 previous = tmp.parent / ".previous"
                 os.replace(target, previous)
             done.append([target, tmp, previous, False])
-            if os.path.lexists(tmp):
-                os.replace(tmp, target)
-                done[-1][3] = True
+            os.replace(tmp, target)
+            done[-1][3] = True
     except BaseException:
         for target, tmp, previous, placed in reversed(done):
             if placed:

@@ -116,6 +116,16 @@ def test_atomic_path_removes_what_a_killed_run_left(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".adapter2.tmpabcdef", running.name, "adapter"])
 
 
+def test_a_previous_output_moved_aside_by_a_run_killed_while_committing_comes_back(tmp_path):
+    out = tmp_path / "adapter"
+    aside = tmp_path / f".adapter.tmp{1 << 23}-q1w2e3" / ".previous"  # the old adapter, the new not yet in
+    aside.mkdir(parents=True)
+    (aside / "adapter_config.json").write_text("old")
+    with pytest.raises(RuntimeError), jsonl.atomic_path(out):
+        raise RuntimeError("this run fails too")
+    assert (out / "adapter_config.json").read_text() == "old" and os.listdir(tmp_path) == ["adapter"]
+
+
 def test_staged_commits_every_output_or_none(tmp_path):
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b", tmp_path / "c.json"
     a.write_text("old a")
@@ -131,7 +141,7 @@ def test_staged_commits_every_output_or_none(tmp_path):
         tb.write_text("a file")
         tc.write_text("new c")
     assert a.read_text() == "old a" and os.listdir(b) == ["old"] and not c.exists()
-    with outputs.staged(a, None, c) as (ta, none, tc):
+    with outputs.staged(a, None, c, b) as (ta, none, tc, tb):  # b left unwritten: kept as it is
         assert none is None
         ta.write_text("new a")
         tc.write_text("new c")

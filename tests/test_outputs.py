@@ -92,6 +92,11 @@ VALIDATE = ("validate", "--input", "data/raw/train.jsonl")
     # a parent that is a file
     ((*VALIDATE, "--output", "data/raw/train.jsonl/clean.jsonl", "--rejects", "data/rejects/train.jsonl"),
      ["--output data/raw/train.jsonl/clean.jsonl", "data/raw/train.jsonl is a file, not a folder"]),
+    # a device or a pipe: replacing it would put a regular file in its place (in /dev, as root)
+    ((*VALIDATE, "--output", "data/clean/train.jsonl", "--rejects", "/dev/null"),
+     ["--rejects /dev/null is a device, pipe or socket"]),
+    ((*VALIDATE, "--output", "data/clean/train.jsonl", "--rejects", "data/rejects/train.jsonl", "--report",
+      "/dev/stdout"), ["--report /dev/stdout is a device, pipe or socket"]),
     # an existing file that is not this stage's kind of output
     ((*VALIDATE, "--output", "data/clean/other.txt", "--rejects", "data/rejects/train.jsonl"),
      ["--output data/clean/other.txt exists and is not clean rows", "move it away or choose another path"]),
