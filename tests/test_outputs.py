@@ -254,22 +254,36 @@ def test_a_failing_commit_puts_back_the_outputs_already_moved(project):
 
 # --- SIGKILL ----------------------------------------------------------------------------------------
 
-def test_a_killed_stage_leaves_no_worker_and_the_next_run_clears_its_temporary_folders(tmp_path):
+def big_rows(stage: str, n: int):
+    """Rows for `stage`'s input, ~380 bytes each."""
+    for i in range(n):
+        q, a = f"question {i} " + "x" * 200, f"answer {i} " + "y" * 100
+        if stage == "validate":
+            yield {"input": q, "output": a}
+        elif stage == "format":
+            yield {"id": f"{i:016x}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        else:
+            yield {"id": f"{i:016x}", "prompt": f"### Question: {q}\n ### Answer:", "completion": " " + a}
+
+
+@pytest.mark.parametrize("stage", ["validate", "format", "tokenize"])
+def test_a_killed_stage_leaves_no_worker_and_the_next_run_clears_its_temporary_folders(tmp_path, stage, request):
     shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
-    with open(tmp_path / "big.jsonl", "wb") as f:  # ~45 MB: over validate's 16 MB, so worker processes
-        for i in range(120_000):
-            f.write(orjson.dumps({"input": f"question {i} " + "x" * 200, "output": f"answer {i} " + "y" * 100}) + b"\n")
-    args = ("-m", "stages.cli", "validate", "--input", "big.jsonl", "--output", "c.jsonl", "--rejects", "r.jsonl")
-    stage = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
+    with open(tmp_path / "big.jsonl", "wb") as f:  # ~45 MB: over the 16 MB from which workers are used
+        f.writelines(orjson.dumps(row) + b"\n" for row in big_rows(stage, 120_000))
+    args = ["-m", "stages.cli", stage, "--input", "big.jsonl", "--output", "out"]
+    args += {"validate": ["--rejects", "r.jsonl"], "format": [],
+             "tokenize": ["--base", str(request.getfixturevalue("tiny_base")), "--rejects", "r.jsonl"]}[stage]
+    process = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=ENV, stderr=subprocess.DEVNULL)
     workers = []
     try:
         deadline = time.monotonic() + 60
-        while len(workers) < 2 and time.monotonic() < deadline and stage.poll() is None:
-            workers = psutil.Process(stage.pid).children()
+        while len(workers) < 2 and time.monotonic() < deadline and process.poll() is None:
+            workers = psutil.Process(process.pid).children()
             time.sleep(0.01)
         assert len(workers) >= 2, "the stage started no workers"
-        stage.kill()
-        stage.wait()
+        process.kill()
+        process.wait()
         gone, alive = psutil.wait_procs(workers, timeout=5)
         assert not alive, f"workers left running after SIGKILL of the stage: {alive}"
     finally:
@@ -277,7 +291,9 @@ def test_a_killed_stage_leaves_no_worker_and_the_next_run_clears_its_temporary_f
             if w.is_running():
                 os.kill(w.pid, signal.SIGKILL)
     assert [p.name for p in tmp_path.glob(".*.tmp*")]  # what the killed run left (hidden, not outputs)
-    (tmp_path / "big.jsonl").write_text(RAW)
+    with open(tmp_path / "big.jsonl", "wb") as f:
+        f.writelines(orjson.dumps(row) + b"\n" for row in big_rows(stage, 3))
     p = subprocess.run([sys.executable, *args], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl", "c.jsonl", "params.yaml", "r.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["big.jsonl", "out", "params.yaml"]
+                                                                + (["r.jsonl"] if stage != "format" else []))
