@@ -1,7 +1,9 @@
 """`finetune`: one subcommand per pipeline stage (dvc.yaml calls these), plus `lineage`.
 
 The only module that knows Typer. Stage modules are imported inside each command, so
-`finetune validate` starts without loading torch.
+`finetune validate` starts without loading torch. Each command declares what it reads and what it
+writes (each output with its kind) and `stages.outputs.check` refuses, before anything is read or
+written, an output that would lose something.
 """
 
 from __future__ import annotations
@@ -40,9 +42,13 @@ def validate(
     params: Path = PARAMS,
 ) -> None:
     """Check, normalise and de-duplicate raw rows; every line ends in clean or rejects."""
-    from stages import validate as stage
+    from stages.outputs import CLEAN, METRICS, REJECTS, check
 
     p = _params(params)
+    check({"--input": input, "--params": params},
+           {"--output": (output, CLEAN), "--rejects": (rejects, REJECTS), "--report": (report, METRICS)})
+    from stages import validate as stage
+
     stage.run(input, output, rejects, report, p.data, p.validate)
 
 
@@ -54,9 +60,13 @@ def format_(
     params: Path = PARAMS,
 ) -> None:
     """Render clean rows to prompt/completion pairs with the template from params."""
+    from stages.outputs import PROMPTS, check
+
+    p = _params(params)
+    check({"--input": input, "--base": base, "--params": params}, {"--output": (output, PROMPTS)})
     from stages import format as stage
 
-    n = stage.run(input, output, _params(params).template, base)
+    n = stage.run(input, output, p.template, base)
     typer.echo(f"format {input}: {n} rows -> {output}", err=True)
 
 
@@ -70,9 +80,14 @@ def tokenize(
     params: Path = PARAMS,
 ) -> None:
     """Tokenize with the base tokenizer; mask the prompt; apply the over-length policy."""
+    from stages.outputs import METRICS, REJECTS, TOKENIZED, check
+
+    p = _params(params)
+    check({"--input": input, "--base": base, "--params": params},
+           {"--output": (output, TOKENIZED), "--report": (report, METRICS), "--rejects": (rejects, REJECTS)})
     from stages import tokenize as stage
 
-    s = stage.run(input, output, base, report, rejects, _params(params).tokenize)
+    s = stage.run(input, output, base, report, rejects, p.tokenize)
     typer.echo(f"tokenize {input}: {s['rows_out']}/{s['rows_in']} rows, {s['tokens_trained']} trained tokens, "
                f"p50/p99/max length {s['length_p50']:.0f}/{s['length_p99']:.0f}/{s['length_max']}", err=True)
 
@@ -83,9 +98,15 @@ def import_base(
     params: Path = PARAMS,
 ) -> None:
     """Resolve model.source to a pinned local base model with a content hash."""
+    from stages.outputs import BASE, check
+
+    p = _params(params)
+    source = Path(p.model.source).expanduser()
+    check({"model.source": source if source.exists() else None, "--params": params},
+          {"--output": (output, BASE)})
     from stages import import_base as stage
 
-    meta = stage.run(output, _params(params).model)
+    meta = stage.run(output, p.model)
     typer.echo(f"import-base {meta['source']}: {meta['parameters']:,} parameters, sha256 {meta['sha256'][:12]}",
                err=True)
 
@@ -103,6 +124,13 @@ def train(
     params: Path = PARAMS,
 ) -> None:
     """QLoRA/LoRA fine-tune; several GPUs go through `accelerate launch` with an FSDP config."""
+    from stages.outputs import ADAPTER, CHECKPOINTS, METRICS, PLOTS, check
+
+    _params(params)
+    check({"--train": train_data, "--eval": eval_data, "--base": base, "--lineage-data": lineage_data,
+            "--params": params},
+           {"--output": (output, ADAPTER), "--metrics": (metrics, METRICS), "--plots": (plots, PLOTS),
+            "--checkpoints": (checkpoints, CHECKPOINTS)})
     from stages import train as stage
 
     stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params)
@@ -119,9 +147,14 @@ def evaluate(
     params: Path = PARAMS,
 ) -> None:
     """Loss, perplexity and generation metrics for the base and the tuned model, side by side."""
+    from stages.outputs import METRICS, SAMPLES, check
+
+    p = _params(params)
+    check({"--adapter": adapter, "--base": base, "--tokenized": tokenized, "--prompts": prompts,
+           "--params": params}, {"--metrics": (metrics, METRICS), "--samples": (samples, SAMPLES)})
     from stages import evaluate as stage
 
-    stage.run(adapter, base, tokenized, prompts, metrics, samples, _params(params))
+    stage.run(adapter, base, tokenized, prompts, metrics, samples, p)
 
 
 @app.command()
@@ -133,9 +166,15 @@ def merge(
     params: Path = PARAMS,
 ) -> None:
     """Merge the adapter into the 16-bit base; check logits parity; write a model card."""
+    from stages.outputs import MERGED, check
+
+    p = _params(params)
+    check({"--adapter": adapter, "--base": base, "--prompts": prompts, "--params": params},
+           {"--output": (output, MERGED), "--output (kept on a failed parity check)":
+            (output.with_name(output.name + ".failed"), MERGED)})
     from stages import merge as stage
 
-    stage.run(adapter, base, output, prompts, _params(params))
+    stage.run(adapter, base, output, prompts, p)
 
 
 @app.command()

@@ -35,6 +35,7 @@ from transformers import StoppingCriteria
 
 from stages.errors import StageError
 from stages.jsonl import read_jsonl, write_json, write_jsonl
+from stages.outputs import staged
 from stages.params import Params
 
 log = logging.getLogger("finetune")
@@ -269,9 +270,10 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
                  timings[f"{name}_generated_tokens_per_s"])
     results["rows_loss"], results["rows_generated"] = len(eval_ds), len(rows)
     results.update(timings)
-    write_json(metrics, results)
-    write_jsonl(samples, ({"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
-                          for r, ref, b, t in zip(rows, refs, answers["base"], answers["tuned"])))
+    with staged(metrics, samples) as (metrics_tmp, samples_tmp):  # both or neither
+        write_json(metrics_tmp, results)
+        write_jsonl(samples_tmp, ({"id": r["id"], "prompt": r["prompt"], "reference": ref, "base": b, "tuned": t}
+                                  for r, ref, b, t in zip(rows, refs, answers["base"], answers["tuned"])))
     print(table(results))
     return results
 

@@ -1,25 +1,27 @@
 """JSONL reading and atomic writing, shared by the stages.
 
-Outputs are written to a temporary sibling and renamed into place only when the stage finishes, so an
-interrupted or failing stage leaves the previous output untouched and never a half-written file that
-DVC could take for a finished one.
+Outputs are written to a temporary sibling and renamed into place only when the stage finishes
+(`stages.outputs.staged`; `atomic_path` for a single output), so an interrupted or failing stage leaves
+the previous output untouched and never a half-written file that DVC could take for a finished one.
 
 Large inputs are cut into blocks of whole lines (`block_spans`), which `map_ordered` can hand to worker
 processes with a bounded number in flight: results come back in input order and memory stays flat
-(a few blocks of ~4 MiB) however long the file is.
+(a few blocks of ~4 MiB) however long the file is. The workers end with the stage's process, even
+when it is killed (SIGKILL): none is left computing, or waiting forever, under PID 1.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
-import glob
 import hashlib
 import multiprocessing
 import os
-import shutil
+import signal
 import sys
-import tempfile
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -29,6 +31,7 @@ from typing import IO, TypeVar
 import orjson
 
 from stages.errors import StageError
+from stages.outputs import staged
 
 _BUFFER = 1 << 20  # 1 MiB write buffers: few syscalls, flat memory
 BLOCK = 4 << 20  # bytes of whole lines a block: ~13,000 rows of ~300 bytes; one task for a worker
@@ -118,6 +121,33 @@ def cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# libc's prctl, looked up here: a child between fork and exec (a subprocess preexec_fn) must not dlopen
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this process end when `parent` (the pid of its parent) does, even killed by SIGKILL: on
+    Linux the kernel then sends it SIGKILL (PR_SET_PDEATHSIG, kept across exec); a parent already gone
+    ends it now. Safe as a subprocess `preexec_fn`."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: `die_with_parent`, and where the kernel cannot do it (not Linux) a thread that
+    notices the parent changed and ends the worker within a second."""
+    die_with_parent(parent)
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
 def map_ordered(fn: Callable[..., T], tasks: Iterable[tuple], workers: int, in_flight: int = 0
                 ) -> Iterator[tuple[tuple, T]]:
     """(task, fn(*task)) for each task, in order; `fn` runs in `workers` processes (in this one when
@@ -129,7 +159,8 @@ def map_ordered(fn: Callable[..., T], tasks: Iterable[tuple], workers: int, in_f
     # fork starts a worker in milliseconds and inherits the imports; elsewhere spawn, the safe default.
     # An executor, not a Pool: a worker that dies (killed, out of memory) fails the stage, not hangs it.
     context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_end_with_parent,
+                               initargs=(os.getpid(),))
     try:
         pending: deque = deque()
         for task in tasks:
@@ -146,21 +177,10 @@ def map_ordered(fn: Callable[..., T], tasks: Iterable[tuple], workers: int, in_f
 
 @contextlib.contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yields a temporary path beside `path` (file or directory), in a temporary directory that also
-    takes any scratch files; moves it onto `path` on success, by rename. On an exception nothing at
-    `path` changes and the temporary directory goes; one left by a killed run goes at the next."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp*"):  # left by a run that was killed (SIGKILL)
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp", dir=path.parent)) / path.name
-    try:
+    """`stages.outputs.staged` for one output: a temporary path beside `path` (file or directory), in a
+    temporary directory that also takes scratch files, renamed onto `path` on success."""
+    with staged(path) as (tmp,):
         yield tmp
-        if path.is_dir() and not path.is_symlink():  # a directory cannot be replaced: move the old one
-            os.replace(path, tmp.parent / ".previous")  # aside first (a rename), delete it below
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 @contextlib.contextmanager

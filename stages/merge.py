@@ -119,8 +119,8 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
                  parity["mean_abs_diff"], 100 * parity["top1_agreement"], parity["saved_dtype"])
         if parity["max_abs_diff"] > m.parity_tolerance:
             kept = output.with_name(output.name + ".failed")
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(tmp, kept)
+            with atomic_path(kept) as kept_tmp:
+                shutil.copytree(tmp, kept_tmp)
             raise StageError(f"{output}: merged logits differ from base+adapter by {parity['max_abs_diff']:.4g} > "
                              f"merge.parity_tolerance={m.parity_tolerance}; the merged model is kept in {kept} "
                              "for inspection (try merge.dtype=float32)")

@@ -51,8 +51,6 @@ import pyarrow as pa
 from stages.errors import StageError
 from stages.jsonl import (
     as_file,
-    atomic_path,
-    atomic_writer,
     block_lines,
     block_spans,
     cpu_count,
@@ -61,6 +59,7 @@ from stages.jsonl import (
     read_span,
     write_json,
 )
+from stages.outputs import staged
 from stages.params import TokenizeParams
 
 # The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
@@ -391,8 +390,8 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
     lengths = array("i")  # 4 bytes a kept row, for the percentiles
     stats, dropped, rows_in, nbytes, shards = Counter(), Counter(), 0, 0, []
     fingerprint = hashlib.sha256()  # of everything written, in order: same input, same bytes, same DVC hash
-    rejects_file = atomic_writer(rejects_path) if rejects_path else contextlib.nullcontext()
-    with atomic_path(output) as tmp, rejects_file as rejected:
+    with staged(output, rejects_path, report) as (tmp, rejects_tmp, report_tmp), \
+            open(rejects_tmp, "wb") if rejects_tmp else contextlib.nullcontext() as rejected:
         tmp.mkdir()
         path = as_file(input, tmp.parent)  # a pipe is read into the temporary folder first
         workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
@@ -413,9 +412,9 @@ def run(input: Path, output: Path, base: Path, report: Path | None, rejects_path
             with pa.OSFile(str(shards[0]), "wb") as sink:
                 pa.ipc.new_stream(sink, SCHEMA).close()
         write_dataset_files(tmp, shards, len(lengths), nbytes, fingerprint.hexdigest()[:16])
-    summary = length_report(np.frombuffer(lengths, dtype=np.int32), stats, dropped, rows_in)
-    if report:
-        write_json(report, summary)
+        summary = length_report(np.frombuffer(lengths, dtype=np.int32), stats, dropped, rows_in)
+        if report:
+            write_json(report_tmp, summary)
     if not lengths:
         raise StageError(f"{input}: no row left after tokenization; see {rejects_path} and tokenize.max_length")
     return summary

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import logging
 import os
@@ -36,8 +37,9 @@ from transformers import TrainerCallback
 
 from stages import lineage
 from stages.errors import StageError
-from stages.jsonl import atomic_path, file_md5, write_json
+from stages.jsonl import die_with_parent, file_md5, write_json
 from stages.modeling import read_base_json, under_fsdp
+from stages.outputs import staged
 from stages.params import Params, as_dict, load_params
 
 log = logging.getLogger("finetune")
@@ -121,7 +123,8 @@ def relaunch_under_accelerate(config: str) -> bool:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
            "--num_processes", str(n_gpus), "-m", "stages.cli", *sys.argv[1:]]
     log.info("%d GPUs: %s", n_gpus, " ".join(cmd))
-    subprocess.run(cmd, check=True)
+    # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
+    subprocess.run(cmd, check=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
     return True
 
 
@@ -170,18 +173,17 @@ class ThroughputLog(TrainerCallback):
 
 
 def write_plots(history: list[dict], plots: Path) -> None:
-    """Per-step curves for `dvc plots show`: loss.csv (train) and eval_loss.csv."""
+    """Per-step curves for `dvc plots show`: loss.csv (train) and eval_loss.csv, in a new folder `plots`."""
     rows = [h for h in history if "loss" in h]
     evals = [h for h in history if "eval_loss" in h]
-    with atomic_path(plots) as tmp:
-        tmp.mkdir()
-        for name, data, cols in (("loss.csv", rows, ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s")),
-                                 ("eval_loss.csv", evals, ("step", "eval_loss"))):
-            with open(tmp / name, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(cols)
-                for h in data:
-                    w.writerow([h.get(c, "") for c in cols])
+    plots.mkdir()
+    for name, data, cols in (("loss.csv", rows, ("step", "loss", "learning_rate", "grad_norm", "tokens_per_s")),
+                             ("eval_loss.csv", evals, ("step", "eval_loss"))):
+        with open(plots / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(cols)
+            for h in data:
+                w.writerow([h.get(c, "") for c in cols])
 
 
 class FlattenRows:
@@ -368,9 +370,6 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
-    with atomic_path(output) as tmp:
-        trainer.save_model(str(tmp))
-        write_json(tmp / "lineage.json", record)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     summary = {
@@ -389,8 +388,11 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     if evals:
         summary["eval_loss_last"] = evals[-1]
-    write_json(metrics, summary)
-    write_plots(history, plots)
+    with staged(output, metrics, plots) as (adapter_tmp, metrics_tmp, plots_tmp):  # all three or none
+        trainer.save_model(str(adapter_tmp))
+        write_json(adapter_tmp / "lineage.json", record)
+        write_json(metrics_tmp, summary)
+        write_plots(history, plots_tmp)
     shutil.rmtree(run_dir, ignore_errors=True)
     if sync:
         sync.clear()
@@ -413,6 +415,8 @@ def _finish_wandb(params: Params) -> None:
 
 
 def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
+    if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
+        die_with_parent(os.getppid())
     params = load_params(params_path)
     if params.train.checkpoint_sync and "LOCAL_RANK" not in os.environ:  # once, before any worker starts
         run_id = fingerprint(params, train_data, read_base_json(base))

@@ -67,8 +67,6 @@ import orjson
 from stages.errors import StageError
 from stages.jsonl import (
     as_file,
-    atomic_path,
-    atomic_writer,
     block_lines,
     block_spans,
     cpu_count,
@@ -78,6 +76,7 @@ from stages.jsonl import (
     read_span,
     write_json,
 )
+from stages.outputs import staged
 from stages.params import DataParams, ValidateParams
 
 REASONS = ("invalid_json", "not_an_object", "schema", "empty_field", "duplicate", "too_long", "bad_encoding",
@@ -497,7 +496,8 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
     if not input.exists():
         raise StageError(f"{input}: no such file (point --input at a JSONL file of rows)")
     counts, seen, first_line = Counts(), SeenKeys(), 1
-    with atomic_path(output) as tmp, open(tmp, "wb", buffering=1 << 20) as good, atomic_writer(rejects) as bad, \
+    with staged(output, rejects, report) as (tmp, rejects_tmp, report_tmp), \
+            open(tmp, "wb", buffering=1 << 20) as good, open(rejects_tmp, "wb", buffering=1 << 20) as bad, \
             open(path := as_file(input, tmp.parent), "rb") as source:  # a pipe is read into tmp.parent first
         workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
         tasks = ((str(path), offset, size, data, limits, str(tmp.parent / f"part-{offset}"))
@@ -511,9 +511,9 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
             good.writelines(pieces)
             bad.write(rejected)
             first_line += checked.lines
-    summary = counts.report()
-    if report:
-        write_json(report, summary)
+        summary = counts.report()
+        if report:
+            write_json(report_tmp, summary)
     assert summary["kept"] + summary["rejected"] + summary["blank"] == summary["lines"]
     by_reason = ", ".join(f"{r}={c}" for r, c in counts.rejected.most_common()) or "none"
     noted = "".join(f" ({c} {NOTES[n]})" for n, c in counts.notes.items())

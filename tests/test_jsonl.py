@@ -1,10 +1,15 @@
 import gc
 import itertools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
-from stages import jsonl
+from stages import jsonl, outputs
+from stages.errors import StageError
 
 
 def blocks_of(path, size):
@@ -96,15 +101,72 @@ def test_atomic_path_replaces_a_directory_only_on_success(tmp_path):
 
 def test_atomic_path_removes_what_a_killed_run_left(tmp_path):
     out = tmp_path / "adapter"
-    stale = tmp_path / ".adapter.tmpk1ll3d" / "adapter"  # as a run killed mid-write leaves it
+    stale = tmp_path / ".adapter.tmpk1ll3d" / "adapter"  # as an older version's killed run leaves it
     stale.mkdir(parents=True)
     (stale / "weights.bin").write_bytes(b"x" * 1000)
+    dead = tmp_path / f".adapter.tmp{1 << 23}-x1y2z3"  # a pid above any pid_max: that run is gone
+    dead.mkdir()
+    running = tmp_path / f".adapter.tmp{os.getppid()}-a1b2c3"  # a run still going (here: our parent's)
+    running.mkdir()
     other = tmp_path / ".adapter2.tmpabcdef"  # another output's: not touched
     other.mkdir()
     with jsonl.atomic_path(out) as tmp:
         tmp.mkdir()
-    assert out.is_dir() and not stale.parent.exists() and other.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter2.tmpabcdef", "adapter"]
+    assert out.is_dir() and not stale.parent.exists() and not dead.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".adapter2.tmpabcdef", running.name, "adapter"])
+
+
+def test_a_previous_output_moved_aside_by_a_run_killed_while_committing_comes_back(tmp_path):
+    out = tmp_path / "adapter"
+    aside = tmp_path / f".adapter.tmp{1 << 23}-q1w2e3" / ".previous"  # the old adapter, the new not yet in
+    aside.mkdir(parents=True)
+    (aside / "adapter_config.json").write_text("old")
+    with pytest.raises(RuntimeError), jsonl.atomic_path(out):
+        raise RuntimeError("this run fails too")
+    assert (out / "adapter_config.json").read_text() == "old" and os.listdir(tmp_path) == ["adapter"]
+
+
+def test_staged_commits_every_output_or_none(tmp_path):
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b", tmp_path / "c.json"
+    a.write_text("old a")
+    b.mkdir()
+    (b / "old").write_text("old b")
+    with pytest.raises(RuntimeError), outputs.staged(a, b, c) as (ta, tb, tc):  # a failure before the end
+        ta.write_text("new a")
+        raise RuntimeError
+    assert a.read_text() == "old a" and os.listdir(b) == ["old"] and not c.exists()
+    # a rename that fails at the commit (here: a file for the folder b) puts back a, moved before it
+    with pytest.raises(StageError, match="would replace a folder with a file"), outputs.staged(a, b, c) as (ta, tb, tc):
+        ta.write_text("new a")
+        tb.write_text("a file")
+        tc.write_text("new c")
+    assert a.read_text() == "old a" and os.listdir(b) == ["old"] and not c.exists()
+    with outputs.staged(a, None, c, b) as (ta, none, tc, tb):  # b left unwritten: kept as it is
+        assert none is None
+        ta.write_text("new a")
+        tc.write_text("new c")
+    assert a.read_text() == "new a" and c.read_text() == "new c" and os.listdir(b) == ["old"]
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b", "c.json"]
+
+
+def test_check_accepts_missing_empty_and_own_outputs_only(tmp_path):
+    report = tmp_path / "report.json"
+    for text, ok in (("", True), ('{"kept": 1}', True), ("[1, 2]", False), ("not json", False)):
+        report.write_text(text)
+        if ok:
+            outputs.check({}, {"--report": (report, outputs.METRICS)})
+        else:
+            with pytest.raises(StageError, match="exists and is not a metrics file"):
+                outputs.check({}, {"--report": (report, outputs.METRICS)})
+    data = tmp_path / "tokenized"
+    outputs.check({}, {"--output": (data, outputs.TOKENIZED)})  # missing
+    data.mkdir()
+    outputs.check({}, {"--output": (data, outputs.TOKENIZED)})  # empty
+    (data / "state.json").write_text("{}")
+    with pytest.raises(StageError, match="--output .*tokenized exists and is not a tokenized dataset"):
+        outputs.check({}, {"--output": (data, outputs.TOKENIZED)})
+    (data / "dataset_info.json").write_text("{}")
+    outputs.check({}, {"--output": (data, outputs.TOKENIZED)})
 
 
 def test_gc_paused_restores_the_collector():
@@ -122,3 +184,20 @@ def test_block_lines_of_blank_and_final_lines():
     assert jsonl.block_lines(b"a\n\n") == [b"a", b""]
     assert jsonl.block_lines(b"a\nb") == [b"a", b"b"]
     assert list(itertools.chain.from_iterable(map(jsonl.block_lines, [b"a\r\n", b"b"]))) == [b"a\r", b"b"]
+
+
+def test_a_child_made_to_die_with_its_parent_ends_when_the_parent_is_killed(tmp_path):
+    # as train starts `accelerate launch`: the parent starts a long child with die_with_parent, then
+    # is killed by SIGKILL; the child must not stay behind under PID 1
+    code = ("import functools, os, subprocess, sys, time; from stages.jsonl import die_with_parent; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+            "preexec_fn=functools.partial(die_with_parent, os.getpid())); print(c.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    child = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs([child], timeout=5)
+    for p in alive:
+        p.kill()
+    assert not alive, "the child outlived its killed parent"
