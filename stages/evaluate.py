@@ -2,14 +2,16 @@
 
     finetune evaluate --adapter models/adapter --base models/base --tokenized data/tokenized/eval \
         --prompts data/prompts/eval.jsonl --metrics metrics/eval.json --samples reports/eval_samples.jsonl
-    (dvc.yaml stage `evaluate`; params: model, evaluate)
+    (dvc.yaml stage `evaluate`; params: seed, evaluate)
 
 - loss / perplexity: mean cross-entropy over the trained (completion) tokens of the tokenized eval
   split, token-weighted, exactly the quantity the train stage minimises.
 - generation: greedy decoding of up to `evaluate.max_new_tokens` for each eval prompt
   (`evaluate.max_generate_rows`, 0 = all), cut at the template's next turn ("\n###"); against the
   reference answer: exact match (case/punctuation-insensitive), token F1 (SQuAD-style) and ROUGE-L F1.
-One model is loaded; the base model's figures come from the same weights with the adapter disabled.
+One model is loaded, the way train loaded it (quantize, dtype, attn_implementation from the adapter's
+lineage.json, not from today's params.yaml), and only on the base it was trained on (else one line);
+the base model's figures come from the same weights with the adapter disabled.
 metrics/eval.json has flat keys (base_loss, tuned_loss, ...) so `dvc exp show` and
 `dvc metrics diff` read well; reports/eval_samples.jsonl has prompt, reference, base and tuned answers.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from stages import lineage
 from stages.errors import StageError
 from stages.jsonl import read_jsonl, write_json, write_jsonl
 from stages.params import Params
@@ -136,10 +139,13 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     for p in (adapter, tokenized, prompts_path):
         if not p.exists():
             raise StageError(f"{p}: missing (run the upstream stages: `dvc repro`)")
+    record = lineage.read(adapter)
+    lineage.require_base(record, base, adapter)
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_base_model(base, params.model, inference=True), adapter).eval()
+    model = PeftModel.from_pretrained(load_base_model(base, lineage.trained_model(record), inference=True),
+                                      adapter).eval()
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
