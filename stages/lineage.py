@@ -7,7 +7,7 @@
   data        each raw data file with its md5 (the value dvc.lock records for it)
   rows        how many rows were trained on and the sha256 of their ids, in order
   params      the full params used, URLs redacted (`redact`)
-  git         the commit (and whether the tree had uncommitted changes)
+  git         the last commit that changed the code, and whether the code had uncommitted changes
   dvc_experiment, versions of the libraries
 No timestamp: an identical retrain must give the same bytes, so DVC skips what depends on the adapter
 (the time a run finished is `created` in metrics/train.json). `finetune lineage DIR --verify` recomputes
@@ -65,15 +65,21 @@ def ids_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
+CODE = ("stages", "configs", "dvc.yaml", "pyproject.toml", "constraints.txt")
+
+
 def git_state() -> dict:
+    """The last commit that changed the code (CODE), and whether the code has uncommitted changes. Not
+    HEAD: committing a run's results (dvc.lock, metrics) must not change what a retrain records."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git("rev-list", "-1", "HEAD", "--", *CODE)
+    return {"commit": commit or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE))}
 
 
 def versions() -> dict:
