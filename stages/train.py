@@ -300,6 +300,9 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
+    for config in model.peft_config.values():  # all-linear resolves to a set: saved in this process's hash order
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     with atomic_path(output) as tmp:
         trainer.save_model(str(tmp))
         (tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # training_args.bin, a pickle: checkpoints only

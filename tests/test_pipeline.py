@@ -117,12 +117,14 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
 def test_retraining_with_the_same_data_params_and_seed_gives_the_same_adapter_bytes(project):
     weights = project / "models/adapter/adapter_model.safetensors"
     before, folder = weights.read_bytes(), tree_digest(project / "models/adapter")
-    proc = sh("dvc repro --force --single-item train", project)
-    assert STAGES_RUN.findall(proc.stdout) == ["train"]
-    assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
-    assert tree_digest(project / "models/adapter") == folder  # lineage.json too: no timestamp in it
-    assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == []  # so evaluate and merge are skipped
-    restore(project)
+    try:
+        proc = sh("dvc repro --force --single-item train", project)
+        assert STAGES_RUN.findall(proc.stdout) == ["train"]
+        assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
+        assert tree_digest(project / "models/adapter") == folder  # the whole folder: lineage.json, config too
+        assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == []  # so evaluate and merge are skipped
+    finally:
+        restore(project)
 
 
 def test_exp_run_4bit_on_cpu_and_exp_show(project):
@@ -212,6 +214,7 @@ def test_push_then_fresh_clone_pull_gives_byte_identical_models(project, remote,
 
 
 def test_checkout_of_an_older_commit_restores_its_adapter(project, remote, tmp_path):
+    sh("dvc push", project)  # commit A's outputs, for the fresh clone below
     a_commit = sh("git rev-parse HEAD", project).stdout.strip()
     a_adapter = tree_digest(project / "models/adapter")
     raw = project / "data/raw/train.jsonl"
