@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-# Copied unchanged from the team's shared/benchmarks/hf_baseline.py: the plain Hugging Face QLoRA recipe,
-# the baseline that benchmarks/train_throughput.py re-measures in the same run as our train stage.
+# The plain Hugging Face QLoRA recipe, kept as first written (not tuned like the train stage): the
+# baseline that benchmarks/train_throughput.py re-measures in the same run as our train stage.
 """Plain Hugging Face QLoRA baseline: throughput and peak GPU memory of a
 Mistral-7B-shaped model (random weights, no download) fine-tuned with
 transformers.Trainer + peft LoRA on a bitsandbytes NF4 base.

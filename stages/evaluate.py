@@ -2,14 +2,16 @@
 
     finetune evaluate --adapter models/adapter --base models/base --tokenized data/tokenized/eval \
         --prompts data/prompts/eval.jsonl --metrics metrics/eval.json --samples reports/eval_samples.jsonl
-    (dvc.yaml stage `evaluate`; params: model, evaluate)
+    (dvc.yaml stage `evaluate`; params: seed, evaluate)
 
 - loss / perplexity: mean cross-entropy over the trained (completion) tokens of the tokenized eval
   split, token-weighted, exactly the quantity the train stage minimises.
 - generation: greedy decoding of up to `evaluate.max_new_tokens` for each eval prompt
   (`evaluate.max_generate_rows`, 0 = all), cut at the template's next turn ("\n###"); against the
   reference answer: exact match (case/punctuation-insensitive), token F1 (SQuAD-style) and ROUGE-L F1.
-One model is loaded; the base model's figures come from the same weights with the adapter disabled.
+One model is loaded, the way train loaded it (quantize, dtype, attn_implementation from the adapter's
+lineage.json, not from today's params.yaml), and only on the base it was trained on (else one line);
+the base model's figures come from the same weights with the adapter disabled.
 Speed without changing a figure: both passes take rows length-sorted (loss: `evaluate.batch_size` x 256
 padded tokens a batch; generation: `evaluate.batch_size` prompts) and put results back in input order;
 a generation batch ends once every row has produced EOS or a stop string (the cut answer cannot change
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria
 
+from stages import lineage
 from stages.errors import StageError
 from stages.jsonl import read_jsonl, write_json, write_jsonl
 from stages.outputs import staged
@@ -238,10 +241,13 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     for p in (adapter, tokenized, prompts_path):
         if not p.exists():
             raise StageError(f"{p}: missing (run the upstream stages: `dvc repro`)")
+    record = lineage.read(adapter)
+    lineage.require_base(record, base, adapter)
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_base_model(base, params.model, inference=True), adapter).eval()
+    model = PeftModel.from_pretrained(load_base_model(base, lineage.trained_model(record), inference=True),
+                                      adapter).eval()
     dequantize_for_inference(model.get_base_model())
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))

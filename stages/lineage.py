@@ -1,23 +1,27 @@
-"""Lineage: which base, data, rows, params and code produced a model (DESIGN.md, "Lineage").
+"""Lineage: which base, data, rows, params and code produced a model.
 
 `lineage.json` sits beside the adapter (written by train) and the merged model (copied by merge):
   base        source, revision, sha256 of the weights, parameter count
+  model       how train loaded the base: quantize (4bit | none) and dtype as resolved from `auto` on
+              the training machine, attn_implementation; evaluate and merge load it the same way
   data        each raw data file with its md5 (the value dvc.lock records for it)
   rows        how many rows were trained on and the sha256 of their ids, in order
-  params      the full params used
-  git         the commit (and whether the tree had uncommitted changes)
-  dvc_experiment, versions of the libraries, created (UTC)
-`finetune lineage DIR --verify` recomputes the data and base hashes on disk and compares them, and the
-data hashes to dvc.lock; any mismatch is named and the command exits 1.
+  params      the full params used, URLs redacted (`redact`)
+  git         the last commit that changed the code, and whether the code had uncommitted changes
+  dvc_experiment, versions of the libraries
+No timestamp: an identical retrain must give the same bytes, so DVC skips what depends on the adapter
+(the time a run finished is `created` in metrics/train.json). `finetune lineage DIR --verify` recomputes
+the data and base hashes on disk and compares them, and the data hashes to dvc.lock; any mismatch is
+named and the command exits 1.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
 
@@ -25,24 +29,57 @@ import orjson
 
 from stages.errors import StageError
 from stages.jsonl import file_md5
-from stages.params import Params, as_dict
+from stages.params import ModelParams, Params, as_dict
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "dvc", "finetune")
+
+
+URL = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)(.*)", re.DOTALL)
+
+
+def redact(value):
+    """A URL without its credentials and query: `https://user:token@host/p?sig=x` -> `https://***@host/p?***`.
+    Userinfo is what comes before the '@' of the host part, read generously: up to the last '@' before
+    the host ends, when the text before the first '@' has a ':' or no '/?#' (so a secret with '/', '?'
+    or '@' in it, as in `s3://KEY:SE/CR@ET@bucket/path`, goes whole); the query and fragment go whole.
+    Dicts and lists are redacted throughout, other values come back unchanged. Everything written that
+    may hold a URL from params (lineage.json, so the model card and the W&B config, and log lines)
+    goes through here."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    m = URL.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        return value
+    scheme, rest = m.groups()
+    at = rest.find("@")
+    if at >= 0 and (":" in rest[:at] or not re.search(r"[/?#]", rest[:at])):
+        host_end = at + 1 + re.search(r"[/?#]|$", rest[at + 1:]).start()
+        rest = "***" + rest[rest.rindex("@", 0, host_end):]
+    cut = re.search(r"[?#]", rest)
+    return scheme + (rest[:cut.start()] + "?***" if cut else rest)
 
 
 def ids_hash(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
+CODE = ("stages", "configs", "dvc.yaml", "pyproject.toml", "constraints.txt")
+
+
 def git_state() -> dict:
+    """The last commit that changed the code (CODE), and whether the code has uncommitted changes. Not
+    HEAD: committing a run's results (dvc.lock, metrics) must not change what a retrain records."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             return ""
 
-    commit = git("rev-parse", "HEAD")
-    return {"commit": commit or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    commit = git("rev-list", "-1", "HEAD", "--", *CODE)
+    return {"commit": commit or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE))}
 
 
 def versions() -> dict:
@@ -55,17 +92,37 @@ def versions() -> dict:
     return out
 
 
-def build(params: Params, base_meta: dict, data_files: list[Path], ids: list[str]) -> dict:
+def build(params: Params, base_meta: dict, data_files: list[Path], ids: list[str], quantized: bool,
+          dtype: str) -> dict:
+    """The record train writes; `quantized` and `dtype` are how it loaded the base (auto resolved)."""
     return {
         "base": {k: base_meta.get(k) for k in ("source", "revision", "sha256", "parameters")},
+        "model": {"quantize": "4bit" if quantized else "none", "dtype": dtype,
+                  "attn_implementation": params.model.attn_implementation},
         "data": [{"path": str(p), "md5": file_md5(p)} for p in data_files],
         "rows": {"count": len(ids), "ids_sha256": ids_hash(ids)},
-        "params": as_dict(params),
+        "params": redact(as_dict(params)),
         "git": git_state(),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME"),
         "versions": versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def trained_model(record: dict) -> ModelParams:
+    """model params as the adapter was trained: evaluate and merge load the base this way, whatever
+    params.yaml says today (a record from before `model` was recorded falls back to its params)."""
+    return ModelParams(**{**record["params"]["model"], **record.get("model", {})})
+
+
+def require_base(record: dict, base: Path, adapter: Path) -> None:
+    """Refuse a base other than the one the adapter was trained on (its weights' sha256)."""
+    meta_path = base / "base.json"
+    got = orjson.loads(meta_path.read_bytes()).get("sha256") if meta_path.exists() else None
+    want = record["base"]
+    if got != want["sha256"]:
+        raise StageError(f"{base}: base weights sha256 {(got or 'missing')[:16]}, but {adapter} was trained on "
+                         f"{want['source']} sha256 {want['sha256'][:16]}; pass that base with --base, or retrain "
+                         "(`dvc repro train`)")
 
 
 def read(model_dir: Path) -> dict:
@@ -85,7 +142,6 @@ def describe(record: dict) -> str:
         f"rows      {r['count']} trained rows, ids sha256 {r['ids_sha256'][:16]}",
         f"code      commit {g['commit'] or '(not a git repo)'}" + ("  (uncommitted changes)" if g["dirty"] else ""),
         f"exp       {record.get('dvc_experiment') or '(plain dvc repro / direct run)'}",
-        f"created   {record['created']}",
         "params    " + ", ".join(f"{k}={v}" for k, v in flat(record["params"]).items()
                                  if k.split(".")[0] in ("seed", "lora", "train") or k == "model.source"),
         "versions  " + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),

@@ -2,11 +2,14 @@
 
     finetune merge --adapter models/adapter --base models/base --output models/merged \
         --prompts data/prompts/eval.jsonl
-    (dvc.yaml stage `merge`; params: model, merge)
+    (dvc.yaml stage `merge`; params: merge)
 
 `merge.into`:
   base         the 16-bit base weights (the usual choice; what users load)
-  dequantized  the NF4 weights the adapter trained against, dequantised (closest to the trained model)
+  dequantized  the NF4 weights the adapter trained against, dequantised (closest to the trained model);
+               refused for an adapter trained on the unquantized base
+The base is loaded as train loaded it (attn_implementation, quantization: the adapter's lineage.json,
+not today's params.yaml), and only the base the adapter was trained on is accepted (else one line).
 The merge runs in float32 and the result is saved in `merge.dtype` (auto = the base's storage dtype).
 Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval prompts are compared
 with the unmerged reference (the same base + adapter); the max |difference| and top-1 agreement are
@@ -39,12 +42,17 @@ def logits_for(model, tokenizer, prompts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def base_for_merge(base: Path, params: Params):
+def base_for_merge(base: Path, adapter: Path, record: dict, into: str):
     from stages.modeling import load_base_model
 
-    if params.merge.into == "base":
-        return load_base_model(base, params.model, quantize=False, dtype=torch.float32, inference=True).cpu()
-    model = load_base_model(base, params.model, quantize=True, dtype=torch.float32, inference=True)
+    trained = lineage.trained_model(record)
+    if into == "base":
+        return load_base_model(base, trained, quantize=False, dtype=torch.float32, inference=True).cpu()
+    if trained.quantize != "4bit":
+        raise StageError(f"merge.into=dequantized: {adapter} was trained on the unquantized base (its lineage.json "
+                         f"has model.quantize={trained.quantize}), so there are no NF4 weights to dequantize; "
+                         "set merge.into: base")
+    model = load_base_model(base, trained, quantize=True, dtype=torch.float32, inference=True)
     return model.dequantize().to(torch.float32).cpu()
 
 
@@ -87,12 +95,13 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
         raise StageError(f"{adapter}: no adapter_config.json (run `finetune train` or `dvc repro train`)")
     m = params.merge
     record = lineage.read(adapter)
+    lineage.require_base(record, base, adapter)
     tokenizer = load_tokenizer(base)
     prompts = [r["prompt"] + r["completion"] for r in read_jsonl(prompts_path)][:m.parity_prompts]
     if not prompts:
         raise StageError(f"{prompts_path}: no prompts for the parity check")
 
-    peft_model = PeftModel.from_pretrained(base_for_merge(base, params), adapter).eval()
+    peft_model = PeftModel.from_pretrained(base_for_merge(base, adapter, record, m.into), adapter).eval()
     reference = logits_for(peft_model, tokenizer, prompts)
     merged = peft_model.merge_and_unload()
     storage = read_base_json(base).get("dtype") or str(merged.config.dtype or "bfloat16").replace("torch.", "")

@@ -1,4 +1,4 @@
-"""Loading the base model, shared by train, evaluate and merge (hardware policy from DESIGN.md).
+"""Loading the base model, shared by train, evaluate and merge; the hardware policy:
 
 - CUDA: compute in bfloat16; `model.quantize: auto|4bit` loads NF4 + double quantisation with
   `bnb_4bit_quant_storage=bfloat16`, so that FSDP can shard the quantised weights. Under FSDP there

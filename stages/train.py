@@ -3,7 +3,8 @@
     finetune train --train data/tokenized/train --eval data/tokenized/eval --base models/base \
         --output models/adapter --metrics metrics/train.json --plots plots/train \
         --lineage-data data/raw/train.jsonl --lineage-data data/raw/eval.jsonl
-    (dvc.yaml stage `train`; params: seed, model, lora, train, wandb)
+    (dvc.yaml stage `train`; params: seed, model.quantize/dtype/attn_implementation, lora, and the train
+    keys that change the adapter; wandb and train's logging/checkpointing keys are read but not listed)
 
 - Hardware (stages/modeling.py): 4-bit NF4 + double quant + bf16 compute on CUDA, float32 on CPU.
   With several GPUs and no launcher around it, the command re-runs itself under
@@ -13,7 +14,8 @@
   (position_ids restart per row, so attention stays within a row); otherwise rows pad to the longest.
 - Resumable: checkpoints go to checkpoints/train/<fingerprint of data+params+base>/ (outside DVC, which
   would delete its outputs before a re-run). A killed run restarted with the same data and params
-  resumes from the last checkpoint; the folder is removed once the adapter is written.
+  resumes from the last checkpoint; the folder is removed once the adapter is written. A checkpoint
+  holds the Trainer's training_args.bin (a pickle of its settings, for resuming); models/adapter does not.
 - Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); W&B in `wandb.mode`
   (offline by default), the run named after the DVC experiment and carrying the lineage.
 """
@@ -83,6 +85,7 @@ class CheckpointSync(TrainerCallback):
 
         self.fs, root = fsspec.core.url_to_fs(url)
         self.remote, self.keep = f"{root.rstrip('/')}/{run_id}", keep
+        self.shown = f"{lineage.redact(url).rstrip('/')}/{run_id}"  # for log lines: no credentials
 
     def remote_checkpoints(self) -> list[str]:
         if not self.fs.exists(self.remote):
@@ -96,7 +99,7 @@ class CheckpointSync(TrainerCallback):
         if remote:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.fs.get(f"{self.remote}/{remote[-1]}", str(run_dir / remote[-1]), recursive=True)
-            log.info("fetched %s from %s", remote[-1], self.remote)
+            log.info("fetched %s from %s", remote[-1], self.shown)
 
     def clear(self) -> None:
         if self.fs.exists(self.remote):
@@ -111,7 +114,7 @@ class CheckpointSync(TrainerCallback):
         self.fs.mv(partial, f"{self.remote}/{name}", recursive=True)
         for old in self.remote_checkpoints()[:-self.keep]:
             self.fs.rm(f"{self.remote}/{old}", recursive=True)
-        log.info("checkpoint %s mirrored to %s", name, self.remote)
+        log.info("checkpoint %s mirrored to %s", name, self.shown)
 
 
 def relaunch_under_accelerate(config: str) -> bool:
@@ -290,8 +293,9 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers.trainer import TRAINING_ARGS_NAME
 
-    from stages.modeling import load_tokenizer, use_4bit
+    from stages.modeling import compute_dtype, load_tokenizer, use_4bit
 
     throughput = ThroughputLog()
     if not train_data.exists():
@@ -311,7 +315,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     model = trainable_model(base, params, quantized)
     trainable, _ = model.get_nb_trainable_parameters()
 
-    record = lineage.build(params, base_meta, lineage_data, ids)
+    record = lineage.build(params, base_meta, lineage_data, ids, quantized,
+                           str(compute_dtype(params.model)).removeprefix("torch."))
     run_id = fingerprint(params, train_data, base_meta)
     run_dir = checkpoints / run_id
     sync = CheckpointSync(t.checkpoint_sync, run_id, max(t.save_total_limit, 1)) if t.checkpoint_sync else None
@@ -370,6 +375,9 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
+    for config in model.peft_config.values():  # all-linear resolves to a set: saved in this process's hash order
+        if isinstance(config.target_modules, set):
+            config.target_modules = sorted(config.target_modules)
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     summary = {
@@ -384,12 +392,14 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
         "trainable_parameters": trainable,
         "quantized_4bit": quantized,
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # not in lineage.json: see stages/lineage.py
     }
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     if evals:
         summary["eval_loss_last"] = evals[-1]
     with staged(output, metrics, plots) as (adapter_tmp, metrics_tmp, plots_tmp):  # all three or none
         trainer.save_model(str(adapter_tmp))
+        (adapter_tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # training_args.bin, a pickle: checkpoints only
         write_json(adapter_tmp / "lineage.json", record)
         write_json(metrics_tmp, summary)
         write_plots(history, plots_tmp)

@@ -102,3 +102,20 @@ def sh(cmd: str, cwd: Path, check: bool = True, env: dict | None = None) -> subp
     if check and proc.returncode != 0:
         raise AssertionError(f"`{cmd}` failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_base, tmp_path_factory) -> Path:
+    """What the data stages make of the shipped raw data for the tiny base, with the shipped params:
+    {clean,prompts}/{train,eval}.jsonl and tokenized/{train,eval}."""
+    from stages import format, tokenize, validate
+    from stages.params import load_params
+
+    p = load_params(ROOT / "params.yaml")
+    out = tmp_path_factory.mktemp("data")
+    for split in ("train", "eval"):
+        validate.run(ROOT / "data/raw" / f"{split}.jsonl", out / "clean" / f"{split}.jsonl",
+                     out / "rejects" / f"{split}.jsonl", None, p.data, p.validate)
+        format.run(out / "clean" / f"{split}.jsonl", out / "prompts" / f"{split}.jsonl", p.template, tiny_base)
+        tokenize.run(out / "prompts" / f"{split}.jsonl", out / "tokenized" / split, tiny_base, None, None, p.tokenize)
+    return out

@@ -116,11 +116,15 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
 
 def test_retraining_with_the_same_data_params_and_seed_gives_the_same_adapter_bytes(project):
     weights = project / "models/adapter/adapter_model.safetensors"
-    before = weights.read_bytes()
-    proc = sh("dvc repro --force --single-item train", project)
-    assert STAGES_RUN.findall(proc.stdout) == ["train"]
-    assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
-    restore(project)
+    before, folder = weights.read_bytes(), tree_digest(project / "models/adapter")
+    try:
+        proc = sh("dvc repro --force --single-item train", project)
+        assert STAGES_RUN.findall(proc.stdout) == ["train"]
+        assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
+        assert tree_digest(project / "models/adapter") == folder  # the whole folder: lineage.json, config too
+        assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == []  # so evaluate and merge are skipped
+    finally:
+        restore(project)
 
 
 def test_exp_run_4bit_on_cpu_and_exp_show(project):
@@ -190,9 +194,15 @@ def tree_digest(path: Path) -> dict:
             for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def test_push_then_fresh_clone_pull_gives_byte_identical_models(project, tmp_path):
-    remote = tmp_path / "remote"
-    sh(f"dvc remote add -d localremote {remote} && git add .dvc/config && git commit -qm 'add remote'", project)
+@pytest.fixture(scope="module")
+def remote(project, tmp_path_factory) -> Path:
+    """A default DVC remote, committed to the project's git (each test that pushes asks for it)."""
+    path = tmp_path_factory.mktemp("remote")
+    sh(f"dvc remote add -f -d localremote {path} && git add .dvc/config && git commit -qm 'add remote'", project)
+    return path
+
+
+def test_push_then_fresh_clone_pull_gives_byte_identical_models(project, remote, tmp_path):
     sh("dvc push", project)
     clone = tmp_path / "clone"
     sh(f"git clone -q {project} {clone}", tmp_path)
@@ -203,7 +213,8 @@ def test_push_then_fresh_clone_pull_gives_byte_identical_models(project, tmp_pat
     sh("finetune lineage models/merged --verify", clone)
 
 
-def test_checkout_of_an_older_commit_restores_its_adapter(project, tmp_path):
+def test_checkout_of_an_older_commit_restores_its_adapter(project, remote, tmp_path):
+    sh("dvc push", project)  # commit A's outputs, for the fresh clone below
     a_commit = sh("git rev-parse HEAD", project).stdout.strip()
     a_adapter = tree_digest(project / "models/adapter")
     raw = project / "data/raw/train.jsonl"
@@ -217,8 +228,8 @@ def test_checkout_of_an_older_commit_restores_its_adapter(project, tmp_path):
         clone = tmp_path / "clone-a"
         sh(f"git clone -q {project} {clone} && cd {clone} && git checkout -q {a_commit} && dvc pull -q", tmp_path)
         assert tree_digest(clone / "models/adapter") == a_adapter
-    finally:
-        sh("git checkout -q - && dvc checkout -q --force", project)
+    finally:  # back to commit A for the tests after this one
+        sh(f"git checkout -q - && git reset -q --hard {a_commit} && dvc checkout -q --force", project)
 
 
 def test_queued_sweep_then_apply_the_best(project):

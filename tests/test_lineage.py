@@ -1,0 +1,146 @@
+"""Lineage: what train records (no secrets, no timestamp), and evaluate and merge loading the base the
+way the adapter was trained, on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from conftest import ROOT, sh
+from stages.errors import StageError
+from stages.lineage import redact
+from stages.params import parse_params
+
+TINY = {"train": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "learning_rate": 0.001},
+        "evaluate": {"batch_size": 4, "max_new_tokens": 8, "max_generate_rows": 4}, "wandb": {"mode": "disabled"}}
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://user:token@host/path?sig=abc", "https://***@host/path?***"),
+    ("s3://AKIAKEY:secret@bucket/ckpt", "s3://***@bucket/ckpt"),
+    ("s3://AKIAKEY:se/cr@et@bucket/ckpt", "s3://***@bucket/ckpt"),  # '/' and '@' in the secret
+    ("s3://AKIAKEY:ab?cd@bucket", "s3://***@bucket"),
+    ("ssh://me@host/srv/ckpt", "ssh://***@host/srv/ckpt"),
+    ("gs://bucket/ckpt#token", "gs://bucket/ckpt?***"),
+    ("https://host/p?email=a@b.c", "https://host/p?***"),
+    ("s3://bucket/ckpt", "s3://bucket/ckpt"),
+    ("s3://bucket/run@v2", "s3://bucket/run@v2"),  # an '@' in the path is not userinfo
+    ("/mnt/shared/ckpt", "/mnt/shared/ckpt"),
+    ("no url: a://b?c in text", "no url: a://b?c in text"),
+])
+def test_redact_removes_userinfo_and_query(url, shown):
+    assert redact(url) == shown
+    assert redact({"a": [url], "b": None, "c": 3}) == {"a": [shown], "b": None, "c": 3}
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tiny_data, tmp_path_factory) -> Path:
+    """An adapter trained on CPU with the shipped model params: quantize and dtype auto (none, float32)."""
+    from stages import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train.run(tiny_data / "tokenized/train", None, tiny_base, out / "adapter", out / "train.json", out / "plots",
+              out / "checkpoints", [], parse_params(TINY))
+    return out / "adapter"
+
+
+def evaluate_with(adapter, tiny_base, tiny_data, tmp_path, **model) -> dict:
+    from stages import evaluate
+
+    params = parse_params({**TINY, "model": model})
+    return evaluate.run(adapter, tiny_base, tiny_data / "tokenized/eval", tiny_data / "prompts/eval.jsonl",
+                        tmp_path / "eval.json", tmp_path / "samples.jsonl", params)
+
+
+def test_the_adapter_records_how_train_loaded_the_base_and_no_timestamp(adapter):
+    record = json.loads((adapter / "lineage.json").read_text())
+    assert record["model"] == {"quantize": "none", "dtype": "float32", "attn_implementation": "auto"}
+    assert "created" not in record  # a retrain must give the same bytes; the time is in metrics/train.json
+    assert json.loads((adapter.parent / "train.json").read_text())["created"].endswith("Z")
+    assert not (adapter / "training_args.bin").exists()  # the Trainer's pickle stays in checkpoints
+
+
+def test_evaluate_loads_the_base_as_trained_whatever_params_say_now(adapter, tiny_base, tiny_data, tmp_path):
+    as_trained = evaluate_with(adapter, tiny_base, tiny_data, tmp_path)
+    assert evaluate_with(adapter, tiny_base, tiny_data, tmp_path, dtype="bfloat16", quantize="4bit") == as_trained
+
+
+def test_merge_refuses_to_dequantize_for_an_adapter_trained_unquantized(adapter, tiny_base, tiny_data, tmp_path):
+    from stages import merge
+
+    params = parse_params({**TINY, "model": {"quantize": "4bit"}, "merge": {"into": "dequantized"}})
+    with pytest.raises(StageError, match=r"merge.into=dequantized: .* trained on the unquantized base .*"
+                                         r"model.quantize=none.*set merge.into: base"):
+        merge.run(adapter, tiny_base, tmp_path / "merged", tiny_data / "prompts/eval.jsonl", params)
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("stage", ["evaluate", "merge"])
+def test_evaluate_and_merge_refuse_a_base_the_adapter_was_not_trained_on(stage, adapter, tiny_base, tiny_data,
+                                                                           tmp_path):
+    from stages import evaluate, merge
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_base, other)
+    meta = json.loads((other / "base.json").read_text())
+    meta["sha256"] = "0" * 64  # another base model, as `import-base` with another model.source gives
+    (other / "base.json").write_text(json.dumps(meta))
+    params = parse_params(TINY)
+    with pytest.raises(StageError, match=rf"{other}: base weights sha256 0000000000000000, but {adapter} was "
+                                         r"trained on .* sha256 [0-9a-f]{16}; pass that base with --base"):
+        if stage == "evaluate":
+            evaluate.run(adapter, other, tiny_data / "tokenized/eval", tiny_data / "prompts/eval.jsonl",
+                         tmp_path / "eval.json", tmp_path / "samples.jsonl", params)
+        else:
+            merge.run(adapter, other, tmp_path / "merged", tiny_data / "prompts/eval.jsonl", params)
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "merged").exists()
+
+
+SECRETS = ("s3cr3t", "t0k3n")
+
+
+def test_no_credential_from_checkpoint_sync_is_written_anywhere(tiny_base, tiny_data, tmp_path):
+    """`finetune train` with W&B offline and checkpoints mirrored to a URL carrying a password and a
+    signed query: lineage.json, the W&B run (config, captured console), metrics, plots and the log
+    lines show the URL without them."""
+    url = "memory://user:s3cr3t@host/ckpt?sig=t0k3n"
+    params = YAML(typ="safe").load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    params["train"]["checkpoint_sync"] = url
+    params["wandb"]["mode"] = "offline"
+    with (tmp_path / "params.yaml").open("w") as f:
+        YAML().dump(params, f)
+    proc = sh(f"finetune train --train {tiny_data}/tokenized/train --base {tiny_base} --output models/adapter "
+              "--metrics metrics/train.json --plots plots/train", tmp_path, env={"WANDB_MODE": "offline"})
+    written = [f for f in tmp_path.rglob("*") if f.is_file() and f.name != "params.yaml"]
+    assert any("wandb" in f.parts for f in written), "a W&B offline run"
+    for text, where in [(proc.stdout + proc.stderr, "the output")] + [(f.read_bytes().decode("latin-1"), f)
+                                                                     for f in written]:
+        for secret in SECRETS:
+            assert secret not in text, where
+    shown = "memory://***@host/ckpt?***"
+    assert f"mirrored to {shown}/" in proc.stderr
+    record = json.loads((tmp_path / "models/adapter/lineage.json").read_text())
+    assert record["params"]["train"]["checkpoint_sync"] == shown
+
+
+def test_the_recorded_commit_is_the_codes_so_committing_results_keeps_it(tmp_path, monkeypatch):
+    from stages.lineage import git_state
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages/train.py").write_text("x = 1\n")
+    sh("git init -q && git config user.name t && git config user.email t@t.invalid && git add -A"
+       " && git commit -qm code", tmp_path)
+    code = sh("git rev-parse HEAD", tmp_path).stdout.strip()
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    sh("git add -A && git commit -qm 'results of the run'", tmp_path)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # dvc repro rewrites it mid-run
+    assert git_state() == {"commit": code, "dirty": False}
+    (tmp_path / "stages/train.py").write_text("x = 2\n")
+    assert git_state() == {"commit": code, "dirty": True}
