@@ -8,8 +8,9 @@
   base         the 16-bit base weights (the usual choice; what users load)
   dequantized  the NF4 weights the adapter trained against, dequantised (closest to the trained model)
 The merge runs in float32 and the result is saved in `merge.dtype` (auto = the base's storage dtype).
-Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval prompts are compared
-with the unmerged reference (the same base + adapter); the max |difference| and top-1 agreement are
+Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval rows (prompt +
+completion, as the tokenize stage encodes them: stages/tokens.py) are compared with the unmerged
+reference (the same base + adapter); the max |difference| and top-1 agreement are
 written to parity.json and the stage fails past `merge.parity_tolerance`. The output folder is replaced
 atomically, so running the stage twice is harmless. A model card README.md carries the lineage.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from stages import lineage
+from stages import lineage, tokens
 from stages.errors import StageError
 from stages.jsonl import atomic_path, read_jsonl, write_json
 from stages.params import Params
@@ -31,12 +32,9 @@ log = logging.getLogger("finetune")
 
 
 @torch.no_grad()
-def logits_for(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    out = []
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="pt").input_ids
-        out.append(model(input_ids=ids).logits[0].float())
-    return torch.cat(out)
+def logits_for(model, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits at every position of each prompt (token ids), one row at a time, concatenated."""
+    return torch.cat([model(input_ids=torch.tensor([ids])).logits[0].float() for ids in prompts])
 
 
 def base_for_merge(base: Path, params: Params):
@@ -88,12 +86,14 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
     m = params.merge
     record = lineage.read(adapter)
     tokenizer = load_tokenizer(base)
-    prompts = [r["prompt"] + r["completion"] for r in read_jsonl(prompts_path)][:m.parity_prompts]
-    if not prompts:
+    rows = list(read_jsonl(prompts_path))[:m.parity_prompts]
+    if not rows:
         raise StageError(f"{prompts_path}: no prompts for the parity check")
+    ids_tokenizer, _ = tokens.load_tokenizer(base)  # the training rows' ids: data text stays text
+    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), completion=True)
 
     peft_model = PeftModel.from_pretrained(base_for_merge(base, params), adapter).eval()
-    reference = logits_for(peft_model, tokenizer, prompts)
+    reference = logits_for(peft_model, prompts)
     merged = peft_model.merge_and_unload()
     storage = read_base_json(base).get("dtype") or str(merged.config.dtype or "bfloat16").replace("torch.", "")
     dtype = DTYPES.get(storage, torch.bfloat16) if m.dtype == "auto" else DTYPES[m.dtype]
@@ -102,7 +102,7 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
         tokenizer.save_pretrained(tmp)
         del merged, peft_model
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        got = logits_for(reloaded, tokenizer, prompts)
+        got = logits_for(reloaded, prompts)
         parity = {
             "max_abs_diff": float((got - reference).abs().max()),
             "mean_abs_diff": float((got - reference).abs().mean()),
