@@ -111,7 +111,9 @@ def prompt_ids(rows: list[dict], tokenizer, lay: Layout, completion: bool = Fals
     appends EOS. For generation (evaluate) and the parity check (merge), so that they feed the models
     the ids train saw, never a control token made of data text."""
     if completion:
-        return [enc.ids for enc in encode_rows(rows, [r["prompt"] + r["completion"] for r in rows], tokenizer, lay)]
+        texts = [r["prompt"] + r["completion"] for r in rows]
+        return [enc.ids for enc in encode_rows(rows, texts, tokenizer, lay)]
     cut = [{**r, "specials": [s for s in r["specials"] if s[1] <= len(r["prompt"])]}
            if isinstance(r.get("specials"), list) else r for r in rows]  # the prompt's spans only
-    return [enc.ids[:len(enc.ids) - lay.tail] for enc in encode_rows(cut, [r["prompt"] for r in rows], tokenizer, lay)]
+    encodings = encode_rows(cut, [r["prompt"] for r in rows], tokenizer, lay)
+    return [enc.ids[:len(enc.ids) - lay.tail] for enc in encodings]  # no tail: the prompt goes on
