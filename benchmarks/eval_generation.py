@@ -170,6 +170,7 @@ def main() -> None:
     adapter = args.adapter or random_adapter(load_base_model(base, params), work / "adapter", args.lora_r, 0)
     model = PeftModel.from_pretrained(load_base_model(base, params, inference=True), adapter).eval()
     prompts, refs = read_prompts(args.prompts, args.max_rows)
+    prompt_ids = tokenizer(prompts)["input_ids"]  # as the old loop encodes them: the same ids for both
     eos = evaluate.eos_ids_of(model)
     names = args.models.split(",")
     log(f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, device "
@@ -191,7 +192,7 @@ def main() -> None:
                 else:
                     kwargs = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
                     (texts, tokens), seconds, peak = timed(lambda: evaluate.generate(
-                        model, tokenizer, prompts, args.batch_size, args.max_new_tokens, f"new {name}", **kwargs))
+                        model, tokenizer, prompt_ids, args.batch_size, args.max_new_tokens, f"new {name}", **kwargs))
                     slots = None
             answers[(variant, name)] = texts
             scored = evaluate.score(texts, refs) if all(refs) else {}
