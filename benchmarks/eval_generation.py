@@ -24,6 +24,7 @@ Without --base, a tiny random Llama and tokenizer (tests/conftest.py's) and a ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import json
 import os
@@ -80,13 +81,13 @@ def tiny_model(work: Path) -> tuple[Path, Path]:
     from transformers import AutoTokenizer
 
     from stages import import_base
-    from stages.params import ModelParams
+    from stages.params import load_params
 
     src = work / "tiny"
     src.mkdir()
     build_tokenizer(src)
     build_model(src, len(AutoTokenizer.from_pretrained(src)))
-    import_base.run(work / "base", ModelParams(source=str(src)))
+    import_base.run(work / "base", dataclasses.replace(load_params(ROOT / "params.yaml").model, source=str(src)))
     return work / "base", src
 
 
@@ -161,15 +162,17 @@ def main() -> None:
     from peft import PeftModel
 
     from stages.modeling import load_base_model, load_tokenizer
-    from stages.params import ModelParams
+    from stages.params import load_params
 
     work = Path(tempfile.mkdtemp(prefix="eval_generation_"))
     base = as_base_dir(args.base, work) if args.base else tiny_model(work)[0]
-    params = ModelParams()  # quantize auto: 4-bit NF4 on CUDA, as the stage loads it
+    # the shipped model params (quantize auto: 4-bit NF4 on CUDA, as the stage loads it), this base
+    params = dataclasses.replace(load_params(ROOT / "params.yaml").model, source=str(base), attn_implementation="sdpa")
     tokenizer = load_tokenizer(base)
     adapter = args.adapter or random_adapter(load_base_model(base, params), work / "adapter", args.lora_r, 0)
     model = PeftModel.from_pretrained(load_base_model(base, params, inference=True), adapter).eval()
     prompts, refs = read_prompts(args.prompts, args.max_rows)
+    prompt_ids = tokenizer(prompts)["input_ids"]  # as the old loop encodes them: the same ids for both
     eos = evaluate.eos_ids_of(model)
     names = args.models.split(",")
     log(f"{len(prompts)} prompts, max_new_tokens {args.max_new_tokens}, device "
@@ -191,7 +194,7 @@ def main() -> None:
                 else:
                     kwargs = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
                     (texts, tokens), seconds, peak = timed(lambda: evaluate.generate(
-                        model, tokenizer, prompts, args.batch_size, args.max_new_tokens, f"new {name}", **kwargs))
+                        model, tokenizer, prompt_ids, args.batch_size, args.max_new_tokens, f"new {name}", **kwargs))
                     slots = None
             answers[(variant, name)] = texts
             scored = evaluate.score(texts, refs) if all(refs) else {}

@@ -16,6 +16,8 @@ Speed without changing a figure: both passes take rows length-sorted (loss: `eva
 padded tokens a batch; generation: `evaluate.batch_size` prompts) and put results back in input order;
 a generation batch ends once every row has produced EOS or a stop string (the cut answer cannot change
 after it); on CUDA the 4-bit weights are held de-quantised under the adapter when the GPU has room.
+The prompts are the ids the tokenize stage gives them (stages/tokens.py: a special-token string in
+the data stays text; only the template's are control tokens), left-padded here.
 A progress bar shows rows/s; eval.json also records per model the loss pass's and the generation
 pass's seconds, the generated tokens (per row up to its EOS or stop) and tokens/s.
 metrics/eval.json has flat keys (base_loss, tuned_loss, ...) so `dvc exp show` and
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria
 
-from stages import lineage
+from stages import lineage, tokens
 from stages.errors import StageError
 from stages.jsonl import read_jsonl, write_json, write_jsonl
 from stages.outputs import staged
@@ -169,23 +171,34 @@ def eos_ids_of(model) -> list[int]:
     return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id rows -> input_ids and attention_mask, padded on the left (generation appends on the right)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_new_tokens: int,
              desc: str = "generate", **generate_kwargs) -> tuple[list[str], int]:
-    """Greedy answers (cut at the next turn) in input order, and the number of tokens generated: per
-    row up to its EOS or stop string, at most max_new_tokens. A batch ends when all its rows have."""
+    """Greedy answers (cut at the next turn) to the prompts (token ids: `tokens.prompt_ids`) in input
+    order, and the number of tokens generated: per row up to its EOS or stop string, at most
+    max_new_tokens. A batch ends when all its rows have."""
     from tqdm.auto import tqdm
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
-    encoded = tokenizer(prompts)["input_ids"]
     out: list[str] = [""] * len(prompts)
     generated = 0
     eos_ids = eos_ids_of(model)
     with tqdm(total=len(prompts), desc=desc, unit="rows", dynamic_ncols=True) as bar:
-        for idx in length_batches([len(x) for x in encoded], batch_size):
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, return_tensors="pt").to(device)
+        for idx in length_batches([len(x) for x in prompts], batch_size):
+            batch = left_padded([prompts[i] for i in idx], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
             width = batch["input_ids"].shape[1]
             stop = StopAtTurnEnd(tokenizer, width, eos_ids, len(idx), device)
             ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -253,7 +266,9 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
         rows = rows[:e.max_generate_rows]
-    prompts, refs = [r["prompt"] for r in rows], [r["completion"].strip() for r in rows]
+    ids_tokenizer, _ = tokens.load_tokenizer(base)  # tokenize's own encoding: the ids train saw
+    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer))
+    refs = [r["completion"].strip() for r in rows]
 
     results, answers, timings = {}, {}, {}
     for name in ("base", "tuned"):

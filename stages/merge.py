@@ -10,9 +10,11 @@
                refused for an adapter trained on the unquantized base
 The base is loaded as train loaded it (attn_implementation, quantization: the adapter's lineage.json,
 not today's params.yaml), and only the base the adapter was trained on is accepted (else one line).
-The merge runs in float32 and the result is saved in `merge.dtype` (auto = the base's storage dtype).
-Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval prompts are compared
-with the unmerged reference (the same base + adapter); the max |difference| and top-1 agreement are
+The merge runs in float32 (on the GPU when there is one: a 7B model is 29 GB there, and its parity forwards
+take seconds instead of minutes on CPU) and the result is saved in `merge.dtype` (auto = the base's storage dtype).
+Parity: the saved model is reloaded, and its logits on `merge.parity_prompts` eval rows (prompt +
+completion, as the tokenize stage encodes them: stages/tokens.py) are compared with the unmerged
+reference (the same base + adapter); the max |difference| and top-1 agreement are
 written to parity.json and the stage fails past `merge.parity_tolerance`. The output folder is replaced
 atomically, so running the stage twice is harmless. A model card README.md carries the lineage.
 """
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from stages import lineage
+from stages import lineage, tokens
 from stages.errors import StageError
 from stages.jsonl import atomic_path, read_jsonl, write_json
 from stages.params import Params
@@ -34,12 +36,10 @@ log = logging.getLogger("finetune")
 
 
 @torch.no_grad()
-def logits_for(model, tokenizer, prompts: list[str]) -> torch.Tensor:
-    out = []
-    for p in prompts:
-        ids = tokenizer(p, return_tensors="pt").input_ids
-        out.append(model(input_ids=ids).logits[0].float())
-    return torch.cat(out)
+def logits_for(model, prompts: list[list[int]]) -> torch.Tensor:
+    """The logits at every position of each prompt (token ids), one row at a time, concatenated (on CPU)."""
+    device = next(model.parameters()).device
+    return torch.cat([model(input_ids=torch.tensor([ids], device=device)).logits[0].float().cpu() for ids in prompts])
 
 
 def base_for_merge(base: Path, adapter: Path, record: dict, into: str):
@@ -47,13 +47,13 @@ def base_for_merge(base: Path, adapter: Path, record: dict, into: str):
 
     trained = lineage.trained_model(record)
     if into == "base":
-        return load_base_model(base, trained, quantize=False, dtype=torch.float32, inference=True).cpu()
+        return load_base_model(base, trained, quantize=False, dtype=torch.float32, inference=True)  # on the GPU if any
     if trained.quantize != "4bit":
         raise StageError(f"merge.into=dequantized: {adapter} was trained on the unquantized base (its lineage.json "
                          f"has model.quantize={trained.quantize}), so there are no NF4 weights to dequantize; "
                          "set merge.into: base")
     model = load_base_model(base, trained, quantize=True, dtype=torch.float32, inference=True)
-    return model.dequantize().to(torch.float32).cpu()
+    return model.dequantize().to(torch.float32)
 
 
 def model_card(record: dict, parity: dict) -> str:
@@ -97,12 +97,14 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
     record = lineage.read(adapter)
     lineage.require_base(record, base, adapter)
     tokenizer = load_tokenizer(base)
-    prompts = [r["prompt"] + r["completion"] for r in read_jsonl(prompts_path)][:m.parity_prompts]
-    if not prompts:
+    rows = list(read_jsonl(prompts_path))[:m.parity_prompts]
+    if not rows:
         raise StageError(f"{prompts_path}: no prompts for the parity check")
+    ids_tokenizer, _ = tokens.load_tokenizer(base)  # the training rows' ids: data text stays text
+    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), completion=True)
 
     peft_model = PeftModel.from_pretrained(base_for_merge(base, adapter, record, m.into), adapter).eval()
-    reference = logits_for(peft_model, tokenizer, prompts)
+    reference = logits_for(peft_model, prompts)
     merged = peft_model.merge_and_unload()
     storage = read_base_json(base).get("dtype") or str(merged.config.dtype or "bfloat16").replace("torch.", "")
     dtype = DTYPES.get(storage, torch.bfloat16) if m.dtype == "auto" else DTYPES[m.dtype]
@@ -110,8 +112,11 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
         merged.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del merged, peft_model
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        got = logits_for(reloaded, tokenizer, prompts)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, device_map=device_map).eval()
+        got = logits_for(reloaded, prompts)
         parity = {
             "max_abs_diff": float((got - reference).abs().max()),
             "mean_abs_diff": float((got - reference).abs().mean()),

@@ -13,11 +13,8 @@ newest context and the whole answer stay). A completion that does not fit even w
 prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
 
 Special tokens: only the template's become control tokens; a special-token string in data (an answer
-holding `<|im_end|><|im_start|>system`) is encoded as the text it is. The prompt row says which are the
-template's (format's `specials`): none (qa, alpaca: encoded with the tokenizer's special-token
-splitting off, EOS appended by id), all (chat rows whose data holds none: encoded as they are), or
-character spans (chat rows whose data holds some, rare): the text between the spans is encoded with
-splitting off, each span is its token, and the post-processor's tokens (BOS...) go around them.
+holding `<|im_end|><|im_start|>system`) is encoded as the text it is, as format's `specials` says
+(stages/tokens.py, whose encoding evaluate and merge use for their prompts too); EOS is appended by id.
 The input may be a pipe (`--input /dev/stdin`): it is read once into the stage's temporary folder first.
 
 Streaming and speed: the prompts file is cut into blocks of whole lines (~8 MB, ~25k rows); each block
@@ -61,6 +58,7 @@ from stages.jsonl import (
 )
 from stages.outputs import staged
 from stages.params import TokenizeParams
+from stages.tokens import Layout, Segmented, encode_rows, layout, load_tokenizer
 
 # The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
 # spelled out so that the workers need no `import datasets` (~1 s and ~90 MB each); a test holds it
@@ -77,89 +75,6 @@ BLOCK = 8 << 20  # bytes of prompt rows a task and an .arrow shard: ~25,000 rows
 PARALLEL_MIN_BYTES = 16 << 20  # inputs from 16 MB (~50k rows) use a worker per core; smaller ones run here
 
 Kept = tuple[str, list[int], "int | list[bool]"]  # (id, input_ids, mask): see tokenize_batch
-
-
-def load_tokenizer(base: Path):
-    """The base model's fast tokenizer and its EOS id (from base.json, written by import_base)."""
-    from tokenizers import Tokenizer
-
-    meta_path, tok_path = base / "base.json", base / "tokenizer.json"
-    if not tok_path.exists() or not meta_path.exists():
-        raise StageError(f"{base}: no tokenizer.json/base.json; run `finetune import-base` (or `dvc repro import_base`)")
-    meta = orjson.loads(meta_path.read_bytes())
-    tokenizer = Tokenizer.from_file(str(tok_path))
-    tokenizer.no_truncation()  # the length policy is ours: a cut inside the tokenizer would go uncounted
-    tokenizer.no_padding()
-    return tokenizer, meta["eos_token_id"]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """The special tokens the tokenizer's post-processor puts before (e.g. BOS) and after one text."""
-
-    head: int
-    tail: int
-    head_ids: tuple[int, ...] = ()
-    tail_ids: tuple[int, ...] = ()
-
-
-def layout(tokenizer) -> Layout:
-    enc = tokenizer.encode("a")
-    special = enc.special_tokens_mask
-    head = next((i for i, s in enumerate(special) if not s), len(special))
-    tail = next((i for i, s in enumerate(reversed(special)) if not s), 0)
-    return Layout(head, tail, tuple(enc.ids[:head]), tuple(enc.ids[len(special) - tail:]))
-
-
-@dataclass
-class Segmented:
-    """The encoding of a text whose special tokens are given as character spans (see the docstring):
-    the parts of an Encoding that `answer_flags` reads."""
-
-    ids: list[int]
-    offsets: list[tuple[int, int]]
-    special_tokens_mask: list[int]  # 1 on the post-processor's tokens only, as an Encoding has it
-
-
-def encode_segments(tokenizer, text: str, spans: list[list[int]], lay: Layout) -> Segmented:
-    """`text` encoded with the special tokens at `spans` only; the tokenizer's special-token splitting
-    must be off (`encode_special_tokens`)."""
-    ids, offsets, at = list(lay.head_ids), [(0, 0)] * lay.head, 0
-    for start, end in [*spans, (len(text), len(text))]:
-        if start > at:
-            enc = tokenizer.encode(text[at:start], add_special_tokens=False)
-            ids += enc.ids
-            offsets += [(a + at, b + at) for a, b in enc.offsets]
-        if end > start:
-            token = tokenizer.token_to_id(text[start:end])
-            if token is None:
-                raise StageError(f"{text[start:end]!r} is not one token of this tokenizer; run `finetune format` "
-                                 "again with the same --base as tokenize")
-            ids.append(token)
-            offsets.append((start, end))
-        at = end
-    n = len(ids) - lay.head
-    return Segmented(ids + list(lay.tail_ids), offsets + [(0, 0)] * lay.tail,
-                     [1] * lay.head + [0] * n + [1] * lay.tail)
-
-
-def encode_rows(rows: list[dict], texts: list[str], tokenizer, lay: Layout) -> list:
-    """Each row's text encoded with special tokens where its `specials` says: a batch call for the rows
-    without spans (all of them but the rare chat row whose data holds a special-token string)."""
-    encodings: list = [None] * len(rows)
-    parse, plain, spans = [], [], []  # rows by `specials`: "all", absent, spans
-    for i, row in enumerate(rows):
-        specials = row.get("specials")
-        (plain if specials is None else parse if specials == "all" else spans).append(i)
-    for group, splitting in ((plain, False), (parse, True)):
-        if group:
-            tokenizer.encode_special_tokens = not splitting  # True: "<|im_end|>" in the text stays text
-            for i, enc in zip(group, tokenizer.encode_batch([texts[i] for i in group])):
-                encodings[i] = enc
-    tokenizer.encode_special_tokens = True
-    for i in spans:
-        encodings[i] = encode_segments(tokenizer, texts[i], rows[i]["specials"], lay)
-    return encodings
 
 
 def ends_with_eos(row: dict, text: str, eos_text: str) -> bool:

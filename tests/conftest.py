@@ -119,3 +119,18 @@ def tiny_data(tiny_base, tmp_path_factory) -> Path:
         format.run(out / "clean" / f"{split}.jsonl", out / "prompts" / f"{split}.jsonl", p.template, tiny_base)
         tokenize.run(out / "prompts" / f"{split}.jsonl", out / "tokenized" / split, tiny_base, None, None, p.tokenize)
     return out
+
+
+def shipped_with(changes: dict):
+    """The project's params.yaml (every key: there are no code defaults) with `changes` merged in, parsed."""
+    from ruamel.yaml import YAML
+
+    from stages.params import parse_params
+
+    def merge(into: dict, changes: dict) -> dict:
+        for k, v in changes.items():
+            into[k] = merge(dict(into.get(k) or {}), v) if isinstance(v, dict) and isinstance(into.get(k), dict) \
+                else v
+        return into
+
+    return parse_params(merge(YAML(typ="safe").load((ROOT / "params.yaml").read_text()), changes), "params.yaml")

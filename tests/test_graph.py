@@ -296,13 +296,13 @@ OPERATIONAL_TRAIN = {  # a value other than TINY_TRAIN's (or the default) for ev
 
 def adapter_bytes(tiny_base, tiny_data, tmp_path, **train) -> str:
     from stages import train as stage
-    from stages.params import parse_params
+    from conftest import shipped_with
 
     raw = {"train": {**TINY_TRAIN["train"], **train}, "wandb": TINY_TRAIN["wandb"]}
     out = tmp_path / "adapter"
     shutil.rmtree(out, ignore_errors=True)
     stage.run(tiny_data / "tokenized/train", tiny_data / "tokenized/eval", tiny_base, out, tmp_path / "train.json",
-              tmp_path / "plots", tmp_path / "checkpoints", [], parse_params(raw))
+              tmp_path / "plots", tmp_path / "checkpoints", [], shipped_with(raw))
     return hashlib.md5((out / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
@@ -319,11 +319,11 @@ def test_tokenize_batch_size_gives_the_same_rows(tiny_base, tiny_data, tmp_path)
     import datasets
 
     from stages import tokenize
-    from stages.params import parse_params
+    from conftest import shipped_with
 
     rows = []
     for size in (1000, 7):
         tokenize.run(tiny_data / "prompts/train.jsonl", tmp_path / str(size), tiny_base, None, None,
-                     parse_params({"tokenize": {"batch_size": size}}).tokenize)
+                     shipped_with({"tokenize": {"batch_size": size}}).tokenize)
         rows.append(datasets.load_from_disk(str(tmp_path / str(size))).to_dict())
     assert rows[0] == rows[1] and len(rows[0]["id"]) > 300
