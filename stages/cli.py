@@ -9,11 +9,18 @@ written, an output that would lose something.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+# Before torch is imported (it may read this when it loads): micro-batches differ in shape from step to
+# step, and without expandable segments the caching allocator reserved 139 GiB for 85 allocated (7B,
+# 32 rows ~8k tokens, no checkpointing); with them 8k-token micro-batches took 56 for 55
+# (benchmarks/results/train_throughput_*_h200_2026-12-01.json).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, format, tokenize, "

@@ -425,10 +425,6 @@ def _finish_wandb(params: Params) -> None:
 
 
 def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
-    # Micro-batches differ in shape from step to step: without expandable segments the caching allocator
-    # reserved 139 GiB for 85 allocated (7B, 32 rows ~8k tokens, no checkpointing); with them, 8k-token
-    # micro-batches took 56 for 55 (benchmarks/results/train_throughput_*_h200_2026-12-01.json).
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
         die_with_parent(os.getppid())
     params = load_params(params_path)

@@ -44,8 +44,9 @@ def project(tmp_path_factory, tiny_model_dir):
 
 
 def restore(root: Path) -> None:
-    """Back to the committed baseline: params, lock and metrics from git, outputs from the DVC cache."""
-    sh("git checkout -q -- . && dvc checkout -q --force", root)
+    """Back to the committed baseline: params, lock and metrics from git, outputs from the DVC cache. From
+    HEAD, not the index: core.autostage has `dvc repro` stage the dvc.lock it writes."""
+    sh("git checkout -q HEAD -- . && dvc checkout -q --force", root)
 
 
 def test_repro_builds_every_output_and_is_a_noop_the_second_time(project):
@@ -117,10 +118,13 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
 def test_retraining_with_the_same_data_params_and_seed_gives_the_same_adapter_bytes(project):
     weights = project / "models/adapter/adapter_model.safetensors"
     before, folder = weights.read_bytes(), tree_digest(project / "models/adapter")
+    lineage_before = json.loads((project / "models/adapter/lineage.json").read_text())
     try:
         proc = sh("dvc repro --force --single-item train", project)
         assert STAGES_RUN.findall(proc.stdout) == ["train"]
         assert weights.read_bytes() == before  # LoRA's random init is seeded too, not only the data order
+        lineage_after = json.loads((project / "models/adapter/lineage.json").read_text())
+        assert {k: v for k, v in lineage_after.items() if lineage_before.get(k) != v} == {}
         assert tree_digest(project / "models/adapter") == folder  # the whole folder: lineage.json, config too
         assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == []  # so evaluate and merge are skipped
     finally:
