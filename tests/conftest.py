@@ -134,3 +134,25 @@ def shipped_with(changes: dict):
         return into
 
     return parse_params(merge(YAML(typ="safe").load((ROOT / "params.yaml").read_text()), changes), "params.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
+    """A LoRA adapter on the tiny model with random A and B (so tuned answers differ from base), and the
+    lineage.json train writes beside it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from stages import lineage
+    from stages.jsonl import write_json
+    from stages.modeling import load_base_model, read_base_json
+
+    params = shipped_with({})
+    torch.manual_seed(1)
+    model = get_peft_model(load_base_model(tiny_base, params.model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    model.save_pretrained(out)
+    write_json(out / "lineage.json", lineage.build(params, read_base_json(tiny_base), [], [], quantized=False,
+                                                   dtype="float32"))
+    return out

@@ -42,27 +42,6 @@ def prepare(raw: Path, d: Path, base: Path, template: str) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tmp_path_factory, tiny_base) -> Path:
-    """A LoRA adapter on the tiny model with random A and B, so that tuned answers differ from base."""
-    from peft import LoraConfig, get_peft_model
-
-    from stages.modeling import load_base_model
-
-    torch.manual_seed(1)
-    model = get_peft_model(load_base_model(tiny_base, SHIPPED.model),
-                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    model.save_pretrained(out)
-    from stages import lineage
-    from stages.jsonl import write_json
-    from stages.modeling import read_base_json
-
-    write_json(out / "lineage.json", lineage.build(SHIPPED, read_base_json(tiny_base), [], [], quantized=False,
-                                                   dtype="float32"))  # as train writes it
-    return out
-
-
-@pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_base, tiny_adapter):
     from peft import PeftModel
 
