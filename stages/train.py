@@ -48,11 +48,19 @@ log = logging.getLogger("finetune")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
+# train keys that change how a run is executed or logged, not the adapter (dvc.yaml leaves them out of
+# train's params; tests/test_graph.py checks both lists against the adapter bytes)
+OPERATIONAL = ("logging_steps", "save_steps", "save_total_limit", "checkpoint_sync", "gradient_checkpointing",
+               "checkpoint_fraction")
+
+
 def fingerprint(params: Params, train_data: Path, base_meta: dict) -> str:
-    """Identifies a training run: same data, params and base -> same checkpoints folder."""
+    """Identifies a training run: same data, params and base -> same checkpoints folder. The OPERATIONAL
+    keys are left out, so a run killed and restarted with, say, a new save_steps still resumes."""
     h = hashlib.sha256()
     relevant = {k: v for k, v in as_dict(params).items() if k in ("seed", "model", "lora", "train")}
-    relevant["train"].pop("checkpoint_sync")  # where checkpoints are mirrored does not change the run
+    for key in OPERATIONAL:
+        relevant["train"].pop(key)
     h.update(orjson.dumps(relevant, option=orjson.OPT_SORT_KEYS))
     h.update(base_meta["sha256"].encode())
     for f in sorted(train_data.glob("*.arrow")):

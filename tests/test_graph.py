@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
+from conftest import shipped_with
+
 from conftest import ROOT, copy_project, sh
 
 STAGES = ROOT / "stages"
@@ -330,3 +332,15 @@ def test_tokenize_batch_size_gives_the_same_rows(tiny_base, tiny_data, tmp_path)
                      shipped_with({"tokenize": {"batch_size": size}}).tokenize)
         rows.append(datasets.load_from_disk(str(tmp_path / str(size))).to_dict())
     assert rows[0] == rows[1] and len(rows[0]["id"]) > 300
+
+
+def test_the_checkpoint_fingerprint_ignores_exactly_the_operational_train_keys(tiny_base, tiny_data):
+    from stages import train
+    from stages.modeling import read_base_json
+
+    assert set(train.OPERATIONAL) == set(OPERATIONAL_TRAIN)
+    meta, data = read_base_json(tiny_base), tiny_data / "tokenized/train"
+    reference = train.fingerprint(shipped_with({}), data, meta)
+    for key, value in OPERATIONAL_TRAIN.items():  # a resume after changing one of these finds its checkpoints
+        assert train.fingerprint(shipped_with({"train": {key: value}}), data, meta) == reference, key
+    assert train.fingerprint(shipped_with({"train": {"learning_rate": 0.5}}), data, meta) != reference
