@@ -291,6 +291,10 @@ def trainable_model(base: Path, params: Params, quantized: bool):
     model = get_peft_model(model, LoraConfig(
         r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
         target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
+    # With lm_head (or embed_tokens) among the targets, peft's default ("auto") also saves the whole frozen
+    # embedding and output layers in every checkpoint and the adapter: ~0.5 GB at 7B, the same bytes as the
+    # base's. The Trainer calls save_pretrained without the option, so it is fixed here.
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", params.lora.r, f"{trainable:,}", f"{total:,}",
              100 * trainable / total)

@@ -74,3 +74,19 @@ def test_checkpoint_fraction_spreads_recomputation_over_the_layers(tiny_base, fr
     flags = [m.gradient_checkpointing for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert flags == expected
     assert train.checkpoint_some_layers(model, 0.25) == [False, False]  # 1 of 4 layers: none of 2
+
+
+def test_an_adapter_with_lm_head_holds_only_the_lora_weights(tokenized, tiny_base, tmp_path):
+    from safetensors import safe_open
+
+    p = load_params(ROOT / "params.yaml")
+    p = dataclasses.replace(p, model=dataclasses.replace(p.model, source=str(tiny_base)),
+                            lora=dataclasses.replace(p.lora, target_modules=["q_proj", "v_proj", "lm_head"]),
+                            train=dataclasses.replace(p.train, max_steps=2, save_steps=1),
+                            wandb=dataclasses.replace(p.wandb, mode="disabled"))
+    train.run(tokenized, None, tiny_base, tmp_path / "adapter", tmp_path / "m.json", tmp_path / "plots",
+              tmp_path / "ckpt", [], p)
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("lm_head.lora_A" in k for k in keys)
+    assert all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k]  # no copy of the base's layers
