@@ -9,9 +9,13 @@ What runs, one variant after the other on one loaded model (4-bit NF4 + PEFT ada
 stage loads it; float32 on CPU):
   old  the generation loop as it was (copied below): batches of 8 prompts in input order, always to
        max_new_tokens (or EOS), cut at the next turn afterwards; on the 4-bit weights.
-  new  stages.evaluate: `dequantize_for_inference` (CUDA: the 4-bit weights held de-quantised, unless
-       --keep-4bit), then `generate`: length-sorted batches of --batch-size, each ended when all its
-       rows have produced EOS or a stop string.
+  unmerged  the stage before the adapter was folded in: `dequantize_for_inference` (CUDA: the 4-bit
+       weights held de-quantised, unless --keep-4bit), PEFT's LoRA layers on them (disabled for the
+       base), then `generate`: length-sorted batches of --batch-size, each ended when all its rows have
+       produced EOS or a stop string.
+  new  the stage now: as unmerged, but the base generates without PEFT's layers and the tuned model
+       with the adapter folded into the de-quantised weights (merge_and_unload).
+  static  new with transformers' static KV cache (generate then compiles the decoding step, CUDA).
 for the base model (adapter disabled) and the tuned one (--models). Generated tokens are counted the
 same way for both: per row up to and including its EOS or the token that completes a stop string
 (the old loop computes more: every row of a batch to the batch's end; reported as `token_slots`).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import contextlib
+import copy
 import json
 import os
 import sys
@@ -152,9 +157,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64, help="the new loop's batch (the old one's is 8)")
     ap.add_argument("--old-batch-size", type=int, default=8)
     ap.add_argument("--models", default="base,tuned", help="base, tuned or both")
-    ap.add_argument("--variants", default="old,new")
+    ap.add_argument("--variants", default="old,new", help="old, unmerged, new, static (in this order)")
+    ap.add_argument("--old-rows", type=int, default=0, help="rows for the old loop (0 = all): it is slow at 7B")
     ap.add_argument("--keep-4bit", action="store_true", help="new: generate on the 4-bit weights too")
-    ap.add_argument("--cache-implementation", default=None, help="new: e.g. static (transformers compiles it)")
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -180,40 +185,55 @@ def main() -> None:
 
     runs: dict = {}
     answers: dict = {}
+    old_n = args.old_rows or len(prompts)
+    plain = merged = None  # new/static: the base without PEFT's layers, and base + adapter folded
     for variant in args.variants.split(","):
-        if variant == "new" and not args.keep_4bit:
+        if variant in ("unmerged", "new", "static") and not args.keep_4bit and "dequantize_seconds" not in runs:
             (_, seconds, _) = timed(lambda: evaluate.dequantize_for_inference(model.get_base_model()))
             runs["dequantize_seconds"] = round(seconds, 3)
         for name in names:
-            with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            n = old_n if variant == "old" else len(prompts)
+            if variant in ("old", "unmerged"):  # one model under PEFT, the adapter disabled for the base
+                target, ctx = model, model.disable_adapter() if name == "base" else contextlib.nullcontext()
+            else:  # the stage's way: the base alone, the adapter folded in (into a copy) for the tuned model
+                if plain is None:
+                    plain = model.unload()
+                    merged = PeftModel.from_pretrained(copy.deepcopy(plain), adapter).eval().merge_and_unload()
+                target, ctx = plain if name == "base" else merged, contextlib.nullcontext()
+            with ctx:
                 if variant == "old":
                     (texts, new_ids), seconds, peak = timed(lambda: old_generate(
-                        model, tokenizer, prompts, args.old_batch_size, args.max_new_tokens))
+                        target, tokenizer, prompts[:n], args.old_batch_size, args.max_new_tokens))
                     tokens = sum(useful_tokens(x, eos, tokenizer) for x in new_ids)
                     slots = sum(len(x) for x in new_ids)
                 else:
-                    kwargs = {"cache_implementation": args.cache_implementation} if args.cache_implementation else {}
+                    kwargs = {"cache_implementation": "static"} if variant == "static" else {}
                     (texts, tokens), seconds, peak = timed(lambda: evaluate.generate(
-                        model, tokenizer, prompt_ids, args.batch_size, args.max_new_tokens, f"new {name}", **kwargs))
+                        target, tokenizer, prompt_ids, args.batch_size, args.max_new_tokens, f"{variant} {name}",
+                        **kwargs))
                     slots = None
             answers[(variant, name)] = texts
-            scored = evaluate.score(texts, refs) if all(refs) else {}
-            runs[f"{variant}_{name}"] = {"seconds": round(seconds, 3), "generated_tokens": tokens,
+            scored = evaluate.score(texts, refs[:n]) if all(refs) else {}
+            runs[f"{variant}_{name}"] = {"rows": n, "seconds": round(seconds, 3), "generated_tokens": tokens,
                                          "tokens_per_s": round(tokens / seconds, 2), "token_slots": slots,
                                          "peak_gpu_gib": peak and round(peak, 2), **scored}
-            log(f"{variant:>4} {name:<6} {seconds:8.2f} s  {tokens:7d} tokens  {tokens / seconds:9.1f} tokens/s"
+            log(f"{variant:>8} {name:<6} {n:5d} rows {seconds:8.2f} s  {tokens:7d} tokens  {tokens / seconds:9.1f} tokens/s"
                 + (f"  peak {peak:.2f} GiB" if peak else "") + (f"  token F1 {scored['token_f1']}" if scored else ""))
+            (OUT / "eval_generation_partial.json").write_text(json.dumps(runs, indent=1) + "\n")
     for name in names:
-        if ("old", name) in answers and ("new", name) in answers:
-            old, new = answers[("old", name)], answers[("new", name)]
-            runs[f"ratio_{name}"] = round(runs[f"new_{name}"]["tokens_per_s"] / runs[f"old_{name}"]["tokens_per_s"], 2)
-            runs[f"identical_{name}"] = round(sum(a == b for a, b in zip(old, new)) / len(old), 4)
-            log(f"{name}: new/old tokens/s {runs[f'ratio_{name}']}x, identical answers {runs[f'identical_{name}']:.1%}")
+        for variant in ("unmerged", "new", "static"):
+            if ("old", name) in answers and (variant, name) in answers:
+                old, new = answers[("old", name)], answers[(variant, name)]
+                runs[f"ratio_{variant}_{name}"] = round(runs[f"{variant}_{name}"]["tokens_per_s"]
+                                                        / runs[f"old_{name}"]["tokens_per_s"], 2)
+                runs[f"identical_{variant}_{name}"] = round(sum(a == b for a, b in zip(old, new)) / len(old), 4)
+                log(f"{name}: {variant}/old tokens/s {runs[f'ratio_{variant}_{name}']}x, identical answers "
+                    f"(first {len(old)} rows) {runs[f'identical_{variant}_{name}']:.1%}")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": len(prompts),
               "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
               "old_batch_size": args.old_batch_size, "dequantized": not args.keep_4bit and torch.cuda.is_available(),
-              "cache_implementation": args.cache_implementation, **runs}
+              **runs}
     out = args.out or OUT / "eval_generation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

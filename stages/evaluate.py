@@ -10,8 +10,11 @@
   (`evaluate.max_generate_rows`, 0 = all), cut at the template's next turn ("\n###"); against the
   reference answer: exact match (case/punctuation-insensitive), token F1 (SQuAD-style) and ROUGE-L F1.
 One model is loaded, the way train loaded it (quantize, dtype, attn_implementation from the adapter's
-lineage.json, not from today's params.yaml), and only on the base it was trained on (else one line);
-the base model's figures come from the same weights with the adapter disabled.
+lineage.json, not from today's params.yaml), and only on the base it was trained on (else one line).
+The base's figures come from those weights alone; then the adapter is attached to the same weights for
+the tuned loss (unmerged: the arithmetic train used) and folded into them for the tuned answers (the
+16/32-bit weights merge writes and users serve: no LoRA layers to run at each decoding step; 4-bit
+weights keep the adapter unmerged).
 Speed without changing a figure: both passes take rows length-sorted (loss: `evaluate.batch_size` x 256
 padded tokens a batch; generation: `evaluate.batch_size` prompts) and put results back in input order;
 a generation batch ends once every row has produced EOS or a stop string (the cut answer cannot change
@@ -217,8 +220,7 @@ def dequantize_for_inference(model):
     """In place: 4-bit weights -> the same values in the compute dtype, when the GPU has room for twice
     their size (weights + KV cache and activations). For more than one token bitsandbytes de-quantises
     each weight at every call (dequantize_4bit, then a 16-bit matmul), so holding them de-quantised gives
-    the same products without that work at every decoding step. Call it on the base model under the
-    adapter: PEFT's 4-bit LoRA layers stay, un-merged, with their arithmetic, as the adapter was trained."""
+    the same products without that work at every decoding step. Returns the model (the same object)."""
     if getattr(model, "hf_quantizer", None) is None or not torch.cuda.is_available():
         return model
     import bitsandbytes as bnb
@@ -259,9 +261,7 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    model = PeftModel.from_pretrained(load_base_model(base, lineage.trained_model(record), inference=True),
-                                      adapter).eval()
-    dequantize_for_inference(model.get_base_model())
+    model = dequantize_for_inference(load_base_model(base, lineage.trained_model(record), inference=True).eval())
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
@@ -272,13 +272,16 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
 
     results, answers, timings = {}, {}, {}
     for name in ("base", "tuned"):
-        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
-            t0 = time.perf_counter()
-            loss = completion_loss(model, eval_ds, e.batch_size, tokenizer.pad_token_id)
-            t1 = time.perf_counter()
-            answers[name], n_tokens = generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens,
-                                               desc=f"generate {name}")
-            t2 = time.perf_counter()
+        if name == "tuned":  # the adapter on the same weights, unmerged for the loss: the arithmetic train used
+            model = PeftModel.from_pretrained(model, adapter).eval()
+        t0 = time.perf_counter()
+        loss = completion_loss(model, eval_ds, e.batch_size, tokenizer.pad_token_id)
+        if name == "tuned" and getattr(model.get_base_model(), "hf_quantizer", None) is None:
+            model = model.merge_and_unload()  # folded into the 16/32-bit weights: no LoRA layers to run per token
+        t1 = time.perf_counter()
+        answers[name], n_tokens = generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens,
+                                           desc=f"generate {name}")
+        t2 = time.perf_counter()
         results[f"{name}_loss"] = round(loss, 6)
         results[f"{name}_perplexity"] = round(math.exp(min(loss, 50)), 4)
         results.update({f"{name}_{k}": v for k, v in score(answers[name], refs).items()})
