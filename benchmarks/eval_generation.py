@@ -219,7 +219,7 @@ def main() -> None:
                                          "peak_gpu_gib": peak and round(peak, 2), **scored}
             log(f"{variant:>8} {name:<6} {n:5d} rows {seconds:8.2f} s  {tokens:7d} tokens  {tokens / seconds:9.1f} tokens/s"
                 + (f"  peak {peak:.2f} GiB" if peak else "") + (f"  token F1 {scored['token_f1']}" if scored else ""))
-            (OUT / "eval_generation_partial.json").write_text(json.dumps(runs, indent=1) + "\n")
+            ((args.out or OUT / "eval_generation.json").with_suffix(".partial.json")).write_text(json.dumps(runs, indent=1) + "\n")
     for name in names:
         for variant in ("unmerged", "new", "static"):
             if ("old", name) in answers and (variant, name) in answers:
