@@ -11,7 +11,7 @@ from stages import jsonl
 from stages.errors import StageError
 from stages.params import TemplateParams as Template
 
-TemplateParams = functools.partial(Template, system_prompt=None)  # every field: no code defaults
+TemplateParams = functools.partial(Template, system_prompt=None, train_on="all")  # every field: no code defaults
 
 
 def row(*turns, id="r1"):

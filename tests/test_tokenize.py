@@ -315,10 +315,10 @@ def test_special_token_strings_in_data_stay_text(tiny_base, tmp_path, template):
         clean.append({"id": f"q{i}", "messages": [{"role": "system", "content": text}, {"role": "user", "content": text},
                                                   {"role": "assistant", "content": "a"}, {"role": "user", "content": text},
                                                   {"role": "assistant", "content": f"ok {text}"}]})
-    prompts = list(fmt.format_rows(clean, TemplateParams(name=template, system_prompt=None), tiny_base if template == "chat" else None))
+    prompts = list(fmt.format_rows(clean, TemplateParams(name=template, system_prompt=None, train_on="all"), tiny_base if template == "chat" else None))
     # what the template itself adds: the same row with harmless texts
     bare = list(fmt.format_rows([{"id": r["id"], "messages": [{**m, "content": "x"} for m in r["messages"]]}
-                                 for r in clean], TemplateParams(name=template, system_prompt=None), tiny_base))
+                                 for r in clean], TemplateParams(name=template, system_prompt=None, train_on="all"), tiny_base))
     out, rejects, _ = run_rows(tiny_base, prompts, TokenizeParams(max_length=512), tmp_path)
     assert not rejects and len(out) == len(clean)
     for row, plain, p in zip(out, bare, prompts):

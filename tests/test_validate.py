@@ -103,8 +103,8 @@ def test_alpaca_chat_and_field_map_shapes(tmp_path):
     assert clean[0]["messages"][0]["content"] == "Summarise\n\nlong text"
     assert clean[1]["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
     assert [m["role"] for m in clean[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "schema"), (5, "schema")]
-    assert "messages" in rejects[0]["detail"] and "robot" in rejects[1]["detail"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "no_assistant_turn"), (5, "unknown_role")]
+    assert "no assistant turn" in rejects[0]["detail"] and "'messages[0]' has the role 'robot'" in rejects[1]["detail"]
 
     mapped, _, _ = run_lines(tmp_path, b'{"question": "q", "answer": "a"}\n',
                              DataParams(field_map={"question": "input", "answer": "output"}))
@@ -235,7 +235,7 @@ def test_pathological_values_are_each_a_counted_reject_or_kept(tmp_path, monkeyp
         b'{"input": "a", "output": "b", "extra": ' + deep(1023) + b'}',          # 3 ok: extra fields are ignored
         b'{"input": "a", "output": "c", "extra": ' + deep(5000) + b'}',          # 4 too_deep (parser's limit)
         b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ' + deep(990) + b'}]}',  # 5
-        b'{"messages": [{"role": "user", "content": "hi", "x": ' + deep(990) + b'}]}',  # 6 schema: no assistant
+        b'{"messages": [{"role": "user", "content": "hi", "x": ' + deep(990) + b'}]}',  # 6 no assistant turn
         b'{"input": "big", "output": "int", "n": 1' + b"0" * 300 + b'}',          # 7 ok (read as a float)
         b'{"input": "inf", "output": "x", "n": 1e400}',                          # 8 invalid_json
         b'{"input": 1' + b"0" * 5000 + b', "output": "x"}',                      # 9 invalid_json
@@ -243,14 +243,14 @@ def test_pathological_values_are_each_a_counted_reject_or_kept(tmp_path, monkeyp
         b'{"input": "wide", "output": "x", "extra": "' + b"z" * 10_000_000 + b'"}',  # 11 ok
         b'{"input": [' + b"1," * 1_000_000 + b'1], "output": "x"}',              # 12 schema
     ]
-    expected = {2: "schema", 4: "too_deep", 5: "schema", 6: "schema", 8: "invalid_json", 9: "invalid_json",
+    expected = {2: "schema", 4: "too_deep", 5: "schema", 6: "no_assistant_turn", 8: "invalid_json", 9: "invalid_json",
                 10: "too_long", 12: "schema"}
     for workers in (False, True):
         if workers:
             monkeypatch.setattr(validate, "PARALLEL_MIN_BYTES", 0)
         clean, rejects, s = run_lines(tmp_path, b"\n".join(lines) + b"\n")
         assert {r["line"]: r["reason"] for r in rejects} == expected
-        assert s["kept"] == 4 and s["rejected_too_deep"] == 1 and s["rejected_schema"] == 4
+        assert s["kept"] == 4 and s["rejected_too_deep"] == 1 and s["rejected_schema"] == 3
         assert all(len(r["detail"]) < 400 for r in rejects)
         assert [c["messages"][0]["content"] for c in clean] == ["ok", "a", "big", "wide"]
 
@@ -319,13 +319,13 @@ def test_chat_turn_order_fates_and_every_kept_row_formats_under_every_template(t
     assert "messages[0]" in rejects[0]["detail"] and "user turn first" in rejects[0]["detail"]
     strict = strict_base(tiny_base, tmp_path)
     for name, base in (("qa", None), ("alpaca", None), ("chat", tiny_base), ("chat", strict)):
-        assert len(list(fmt.format_rows(clean, TemplateParams(name=name, system_prompt=None), base))) == 4
+        assert len(list(fmt.format_rows(clean, TemplateParams(name=name, system_prompt=None, train_on="all"), base))) == 4
     # each rejected order is one that a strict template refuses
     refused = [{"id": "x", "messages": [{"role": r, "content": "t"} for r in roles]}
                for roles, fate in TURNS if fate == "turn_order" and roles[-1] == "assistant"]
     for row in refused[:4]:
         with pytest.raises(StageError, match=r"row x: the chat template .* refuses it .*alternate"):
-            list(fmt.format_rows([row], TemplateParams(name="chat", system_prompt=None), strict))
+            list(fmt.format_rows([row], TemplateParams(name="chat", system_prompt=None, train_on="all"), strict))
 
 
 def test_cr_only_line_endings_are_a_stated_reject(tmp_path):
