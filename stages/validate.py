@@ -18,7 +18,10 @@ Outputs: clean rows `{"id", "messages"}` (id = content hash of the normalised me
 `{"line", "reason", "detail", "raw"}`; a report of counts. Invariant: kept + rejected + blank = lines read.
 An input with no row kept (empty, all blank or all rejected) fails here, after writing the rejects.
 
-Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject:
+Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject (each
+reason a `rejected_<reason>` count in the report):
+- A line that is not UTF-8: `bad_encoding` (alone: the rest of the file goes on); JSON that is not an
+  object: `not_an_object`; the same row again after normalisation: `duplicate` (the first one is kept).
 - A chat row must be what every chat template renders: an optional system turn first, then user and
   assistant turns alternating, from a user turn (Llama 2, Mistral and Gemma templates raise on anything
   else). An assistant turn first, a system turn later, or two user (or assistant) turns in a row:
@@ -283,7 +286,7 @@ def turns_body(out: list[dict], roles: dict[str, str], where: list[str], text: s
         m["role"] = role
     names = [m["role"] for m in out]
     if "assistant" not in names:
-        raise Reject("no_assistant_turn", f"no assistant turn among its {len(out)} turns, so nothing to train on: "
+        raise Reject("no_assistant_turn", f"no assistant turn among its {len(out)} turn(s), so nothing to train on: "
                      "drop the row or add the answer")
     check_turns(names, where)
     last = len(names) - 1 - names[::-1].index("assistant")
@@ -303,7 +306,9 @@ def check_turns(roles: list[str], where: list[str]) -> None:
     for i in range(start, len(roles)):
         if roles[i] == ("user", "assistant")[(i - start) % 2]:
             continue
-        if roles[i] == "system":
+        if roles[i] == "system" and where[0] == "system":
+            fix = "a system turn besides the row's 'system' field; chat templates take one system prompt: keep one"
+        elif roles[i] == "system":
             fix = "a system turn after the first turn; chat templates take the system prompt first only: " \
                   "make it the first turn or drop it"
         elif i == start:
