@@ -22,7 +22,7 @@ Every row has a fate, the one TRL or axolotl would give it, or their crash made 
 reason a `rejected_<reason>` count in the report):
 - A line that is not UTF-8: `bad_encoding` (alone: the rest of the file goes on); JSON that is not an
   object: `not_an_object`; the same row again after normalisation: `duplicate` (the first one is kept).
-- A chat row must be what every chat template renders: an optional system turn first, then user and
+- A conversation (chat or sharegpt row) must be what every chat template renders: an optional system turn first, then user and
   assistant turns alternating, from a user turn (Llama 2, Mistral and Gemma templates raise on anything
   else). An assistant turn first, a system turn later, or two user (or assistant) turns in a row:
   rejected, `turn_order`, with the fix in the detail.
@@ -249,7 +249,7 @@ def chat_body(messages: object, tidy: Callable[[str], str], notes: list[str]) ->
         if type(m) is not dict or type(m.get("role")) is not str or type(m.get("content")) is not str:
             return None
         out.append({"role": m["role"], "content": tidy(m["content"])})
-    return turns_body(out, _CHAT_ROLES, [f"messages[{i}]" for i in range(len(out))], "content", notes)
+    return turns_body(out, _CHAT_ROLES, "messages", False, notes)
 
 
 def sharegpt_body(obj: dict, tidy: Callable[[str], str], notes: list[str]) -> bytes | None:
@@ -258,11 +258,9 @@ def sharegpt_body(obj: dict, tidy: Callable[[str], str], notes: list[str]) -> by
     turns, system = obj.get("conversations"), obj.get("system", "")
     if type(turns) is not list or not turns or type(system) is not str:
         return None
-    out, where = [], []
     system = tidy(system)
-    if system and not (not system.isascii() and blank(system)):
-        out.append({"role": "system", "content": system})
-        where.append("system")
+    out = [{"role": "system", "content": system}] if system and not (not system.isascii() and blank(system)) else []
+    has_system = bool(out)
     for i, m in enumerate(turns):
         if type(m) is not dict:
             return None
@@ -270,18 +268,18 @@ def sharegpt_body(obj: dict, tidy: Callable[[str], str], notes: list[str]) -> by
         if type(m.get(role)) is not str or type(m.get(text)) is not str:
             return None
         out.append({"role": m[role], "content": tidy(m[text])})
-        where.append(f"conversations[{i}]")
-    return turns_body(out, SHAREGPT_ROLES, where, "value", notes)
+    return turns_body(out, SHAREGPT_ROLES, "conversations", has_system, notes)
 
 
-def turns_body(out: list[dict], roles: dict[str, str], where: list[str], text: str, notes: list[str]) -> bytes:
-    """The clean body of a conversation (`out`: {"role", "content"} turns, texts tidied, roles as given;
-    `where`: each turn's name in the row, for the rejects; `text`: the name of a turn's text field).
-    Raises Reject for an unknown role, no assistant turn, turns out of order or an empty turn."""
+def turns_body(out: list[dict], roles: dict[str, str], field: str, system: bool, notes: list[str]) -> bytes:
+    """The clean body of a conversation (`out`: {"role", "content"} turns, texts tidied, roles as given
+    in the row's list `field`, after its `system` field's turn if `system`). Raises Reject for an
+    unknown role, no assistant turn, turns out of order or an empty turn, naming the turn."""
+    where = functools.partial(turn_name, field, system)
     for i, m in enumerate(out):
         role = roles.get(m["role"])
         if role is None:
-            raise Reject("unknown_role", f"'{where[i]}' has the role {m['role'][:50]!r}; accepted: "
+            raise Reject("unknown_role", f"'{where(i)}' has the role {m['role'][:50]!r}; accepted: "
                          f"{', '.join(roles)}: rename it in the data (or drop the turn)")
         m["role"] = role
     names = [m["role"] for m in out]
@@ -295,18 +293,27 @@ def turns_body(out: list[dict], roles: dict[str, str], where: list[str], text: s
         notes.append("trimmed_trailing_turns")
     for i, m in enumerate(out):
         if not m["content"] or not m["content"].isascii() and blank(m["content"]):
-            raise empty(f"{where[i]}.{text}" if where[i] != "system" else "system", m["content"])
+            raise empty(where(i, text=True), m["content"])
     return orjson.dumps(out)
 
 
-def check_turns(roles: list[str], where: list[str]) -> None:
+def turn_name(field: str, system: bool, i: int, text: bool = False) -> str:
+    """How a reject names turn `i` of a conversation (its text, with `text`): messages[1].content,
+    conversations[0].value, or system for the turn made of a ShareGPT row's `system` field."""
+    if system and i == 0:
+        return "system"
+    name = f"{field}[{i - system}]"
+    return name + (".content" if field == "messages" else ".value") if text else name
+
+
+def check_turns(roles: list[str], where: Callable[[int], str]) -> None:
     """Raises Reject unless the turns are an optional system turn, then user and assistant alternating
     from a user turn: the one order that every chat template renders."""
     start = 1 if roles[0] == "system" else 0
     for i in range(start, len(roles)):
         if roles[i] == ("user", "assistant")[(i - start) % 2]:
             continue
-        if roles[i] == "system" and where[0] == "system":
+        if roles[i] == "system" and where(0) == "system":
             fix = "a system turn besides the row's 'system' field; chat templates take one system prompt: keep one"
         elif roles[i] == "system":
             fix = "a system turn after the first turn; chat templates take the system prompt first only: " \
@@ -317,7 +324,7 @@ def check_turns(roles: list[str], where: list[str]) -> None:
         else:
             fix = f"a second {roles[i]} turn in a row; chat templates that need user and assistant to alternate " \
                   "refuse it: merge the two turns into one"
-        raise Reject("turn_order", f"{where[i]} is {fix}")
+        raise Reject("turn_order", f"{where(i)} is {fix}")
 
 
 def schema_error(obj: dict, shape: str) -> Reject:
