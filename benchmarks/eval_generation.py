@@ -128,7 +128,7 @@ def read_prompts(path: Path, rows: int) -> tuple[list[str], list[str | None]]:
         if "prompt" in r:
             prompts.append(r["prompt"]), refs.append(r.get("completion", "").strip() or None)
         else:
-            prompts.append(render_qa([{"role": "user", "content": r["input"]}], None))
+            prompts.append(render_qa([{"role": "user", "content": r["input"]}], None)[0])
             refs.append(r.get("output"))
     n = rows or len(prompts)
     return [prompts[i % len(prompts)] for i in range(n)], [refs[i % len(refs)] for i in range(n)]

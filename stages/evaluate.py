@@ -266,8 +266,8 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
         rows = rows[:e.max_generate_rows]
-    ids_tokenizer, _ = tokens.load_tokenizer(base)  # tokenize's own encoding: the ids train saw
-    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer))
+    ids_tokenizer, eos_id = tokens.load_tokenizer(base)  # tokenize's own encoding: the ids train saw
+    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), eos_id)
     refs = [r["completion"].strip() for r in rows]
 
     results, answers, timings = {}, {}, {}

@@ -7,10 +7,19 @@ Templates (`template.name`):
   qa      the seed's  "### Question: {input}\n ### Answer: {output}"  (prompt ends at "Answer:")
   alpaca  "### Instruction:\n{input}\n\n### Response:\n{output}" under alpaca's preamble
   chat    the base tokenizer's own chat template (read from --base; only this template needs it)
-The prompt and the completion stay apart so that `tokenize` masks the prompt exactly. Multi-turn rows
-train on the LAST assistant turn; earlier turns become context in the prompt. A chat template that
-raises on a row (validate keeps only the turn order every template renders, but a template may refuse
-more, e.g. a system turn) stops the stage with one line naming the row's id.
+The prompt and the completion stay apart so that `tokenize` masks the prompt exactly. A multi-turn
+row's completion is its LAST assistant turn, the earlier turns its prompt (evaluate and merge use that
+prompt); `template.train_on` says which assistant turns are trained:
+  all   every one (TRL's assistant_only_loss, axolotl's roles_to_train: [assistant]): the prompt row
+        lists the earlier assistant turns' character spans in the prompt, in the key `train_spans`
+        (absent for a row with one assistant turn). chat: a turn's text and the end-of-turn token(s)
+        its template renders after it (`a1<|im_end|>`, not the newline after), found by rendering each
+        prefix of the conversation, which must be a prefix of the next (a template that re-renders
+        earlier turns, e.g. dropping their reasoning, is refused: use `last`); qa, alpaca: the text
+        of the turn (` a1` after `### Answer:`), which has no end token: tokenize puts EOS after it.
+  last  the final one only; earlier turns are context (no `train_spans`).
+A chat template that raises on a row (validate keeps only the turn order every template renders, but
+a template may refuse more, e.g. a system turn) stops the stage with one line naming the row's id.
 
 Special tokens come from the template only, never from data (an answer holding the text
 `<|im_end|><|im_start|>system` stays that text). A prompt row says which special-token strings in
@@ -63,35 +72,51 @@ def split_last_turn(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
-def render_qa(context: list[dict], system: str | None) -> str:
-    parts = [system] if system else []
+def joined(parts: list[list[tuple[str, bool]]], sep: str, end: str) -> tuple[str, list[list[int]]]:
+    """Parts of pieces (text, trained) -> (the parts joined by `sep`, then `end`; the trained pieces'
+    character spans)."""
+    text, spans, at = [], [], 0
+    for i, part in enumerate(parts):
+        for piece, trained in ([(sep, False)] if i else []) + part:
+            if trained:
+                spans.append([at, at + len(piece)])
+            text.append(piece)
+            at += len(piece)
+    return "".join(text) + end, spans
+
+
+def render_qa(context: list[dict], system: str | None) -> tuple[str, list[list[int]]]:
+    """(the prompt, the character spans of its assistant turns)."""
+    parts = [[(system, False)]] if system else []
     for m in context:
         if m["role"] == "system":
-            parts.append(m["content"])
+            parts.append([(m["content"], False)])
         elif m["role"] == "user":
-            parts.append(f"### Question: {m['content']}\n")
+            parts.append([(f"### Question: {m['content']}\n", False)])
         elif parts:
-            parts[-1] += f" ### Answer: {m['content']}"
+            parts[-1] += [(" ### Answer:", False), (f" {m['content']}", True)]
         else:  # a conversation that opens with the assistant
-            parts.append(f" ### Answer: {m['content']}")
-    return "\n".join(parts) + " ### Answer:"
+            parts.append([(" ### Answer:", False), (f" {m['content']}", True)])
+    return joined(parts, "\n", " ### Answer:")
 
 
-def render_alpaca(context: list[dict], system: str | None) -> str:
-    parts = [system or ALPACA_PREAMBLE]
+def render_alpaca(context: list[dict], system: str | None) -> tuple[str, list[list[int]]]:
+    """(the prompt, the character spans of its assistant turns)."""
+    parts = [[(system or ALPACA_PREAMBLE, False)]]
     for m in context:
         if m["role"] == "user":
-            parts.append(f"### Instruction:\n{m['content']}")
+            parts.append([(f"### Instruction:\n{m['content']}", False)])
         elif m["role"] == "assistant":
-            parts.append(f"### Response:\n{m['content']}")
+            parts.append([("### Response:\n", False), (m["content"], True)])
         else:
-            parts[0] = m["content"]
-    return "\n\n".join(parts) + "\n\n### Response:\n"
+            parts[0] = [(m["content"], False)]
+    return joined(parts, "\n\n", "\n\n### Response:\n")
 
 
 @functools.lru_cache(maxsize=4)  # once a process: a worker formats many blocks with it
-def chat_renderer(base: Path) -> Callable[[list[dict], str], dict]:
-    """render(context, answer) -> {"prompt", "completion", "specials"} with the base's chat template."""
+def chat_renderer(base: Path) -> tuple[Callable[[list[dict], str], dict], Callable[[list[dict], str], list]]:
+    """(render, turn_spans) with the base's chat template: render(context, answer) -> {"prompt",
+    "completion", "specials"}; turn_spans(context, prompt) -> the assistant turns' spans in the prompt."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -134,14 +159,27 @@ def chat_renderer(base: Path) -> Callable[[list[dict], str], dict]:
                              "strings in this row's data cannot be told from its own: remove them from the row")
         return {"prompt": prompt, "completion": completion, "specials": spans}
 
-    return render
+    def turn_spans(context: list[dict], prompt: str) -> list[list[int]]:
+        spans = []
+        for i, m in enumerate(context):
+            if m["role"] == "assistant":
+                before = tokenizer.apply_chat_template(context[:i], tokenize=False, add_generation_prompt=True)
+                upto = tokenizer.apply_chat_template(context[:i + 1], tokenize=False).rstrip()
+                if not (upto.startswith(before) and prompt.startswith(upto)):
+                    raise StageError(f"{base}: the chat template renders an earlier assistant turn otherwise "
+                                     "than as a prefix of the conversation, so its span cannot be found; set "
+                                     "template.train_on to last (or template.name to qa or alpaca)")
+                spans.append([len(before), len(upto)])
+        return spans
+
+    return render, turn_spans
 
 
 def format_rows(rows: Iterable[dict], template: TemplateParams, base: Path | None) -> Iterator[dict]:
     if template.name == "chat":
         if base is None:
             raise StageError("template.name=chat needs --base (the base model directory with its tokenizer)")
-        chat = chat_renderer(base)
+        chat, turn_spans = chat_renderer(base)
     for row in rows:
         context, answer = split_last_turn(row["messages"])
         if template.name == "chat":
@@ -149,6 +187,8 @@ def format_rows(rows: Iterable[dict], template: TemplateParams, base: Path | Non
                 context = [{"role": "system", "content": template.system_prompt}] + context
             try:
                 rendered = chat(context, answer)
+                if template.train_on == "all" and any(m["role"] == "assistant" for m in context):
+                    rendered["train_spans"] = turn_spans(context, rendered["prompt"])
             except StageError as e:
                 raise StageError(f"row {row['id']}: {e}") from None
             except Exception as e:  # what the template raises (jinja2's raise_exception) or breaks on
@@ -160,10 +200,13 @@ def format_rows(rows: Iterable[dict], template: TemplateParams, base: Path | Non
             yield {"id": row["id"], **rendered}
             continue
         if template.name == "alpaca":
-            prompt, completion = render_alpaca(context, template.system_prompt), answer
+            (prompt, spans), completion = render_alpaca(context, template.system_prompt), answer
         else:
-            prompt, completion = render_qa(context, template.system_prompt), " " + answer
-        yield {"id": row["id"], "prompt": prompt, "completion": completion}
+            (prompt, spans), completion = render_qa(context, template.system_prompt), " " + answer
+        out = {"id": row["id"], "prompt": prompt, "completion": completion}
+        if spans and template.train_on == "all":
+            out["train_spans"] = spans
+        yield out
 
 
 def format_block(block: bytes, template: TemplateParams, base: Path | None) -> tuple[bytes, int]:

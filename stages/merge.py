@@ -100,8 +100,8 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
     rows = list(read_jsonl(prompts_path))[:m.parity_prompts]
     if not rows:
         raise StageError(f"{prompts_path}: no prompts for the parity check")
-    ids_tokenizer, _ = tokens.load_tokenizer(base)  # the training rows' ids: data text stays text
-    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), completion=True)
+    ids_tokenizer, eos_id = tokens.load_tokenizer(base)  # the training rows' ids: data text stays text
+    prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), eos_id, completion=True)
 
     peft_model = PeftModel.from_pretrained(base_for_merge(base, adapter, record, m.into), adapter).eval()
     reference = logits_for(peft_model, prompts)

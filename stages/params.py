@@ -104,9 +104,9 @@ def _embedded() -> list[str]:
     return list(EMBEDDED)
 
 
-# the fields of validate's row shapes (qa, alpaca, chat), which data.field_map may rename to; a test holds
+# the fields of validate's row shapes (qa, alpaca, chat, sharegpt), which data.field_map may rename to; a test holds
 # this equal to stages/validate.py's SCHEMAS (kept here so that checking params imports no stage module)
-ROW_FIELDS = frozenset({"input", "output", "instruction", "messages"})
+ROW_FIELDS = frozenset({"input", "output", "instruction", "messages", "conversations", "system"})
 
 
 def _row_fields() -> frozenset[str]:
@@ -197,7 +197,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class DataParams:
-    format: Literal["auto", "qa", "alpaca", "chat"]
+    format: Literal["auto", "qa", "alpaca", "chat", "sharegpt"]
     field_map: Annotated[dict, FIELD_MAP]
 
 
@@ -205,6 +205,7 @@ class DataParams:
 class TemplateParams:
     name: Literal["qa", "alpaca", "chat"]
     system_prompt: Optional[Annotated[str, TEXT]]
+    train_on: Literal["last", "all"]  # the assistant turns of a conversation that are trained
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,15 @@
 Each row is tokenized as prompt + completion in one pass (the tokenizer sees the real text, so no
 artefact at the seam), and the character offsets split the tokens: labels are -100 on the prompt
 (unless `tokenize.train_on_prompt`), the completion's ids otherwise, and EOS is appended as a trained
-token (unless the completion already ends with it, as chat templates render it). Over
+token (unless the completion already ends with it, as chat templates render it). A row of several
+assistant turns (format's `train_spans`, template.train_on=all) also trains each token that starts in
+an earlier turn's span, and the EOS put after that turn when its template has no end token (qa,
+alpaca: stages/tokens.py's `turn_ends`); nothing of the system and user turns. Over
 `tokenize.max_length` tokens: `drop` rejects the row; `truncate` cuts the prompt from the LEFT (the
-newest context and the whole answer stay). A completion that does not fit even without a
-prompt is rejected, never cut. Rejected rows go to --rejects with a reason and are counted.
+newest context and the whole answer stay: an earlier turn cut in part keeps the labels of what is
+left, as TRL's truncation does). A completion that does not fit even without a prompt is rejected,
+never cut, so a kept row always trains its last turn. Rejected rows go to --rejects with a reason
+and are counted.
 
 Special tokens: only the template's become control tokens; a special-token string in data (an answer
 holding `<|im_end|><|im_start|>system`) is encoded as the text it is, as format's `specials` says
@@ -58,7 +63,7 @@ from stages.jsonl import (
 )
 from stages.outputs import staged
 from stages.params import TokenizeParams
-from stages.tokens import Layout, Segmented, encode_rows, layout, load_tokenizer
+from stages.tokens import Layout, Segmented, encode_rows, insert_at, layout, load_tokenizer, turn_ends
 
 # The Arrow schema datasets gives these features (int32 lists), with the metadata load_from_disk reads,
 # spelled out so that the workers need no `import datasets` (~1 s and ~90 MB each); a test holds it
@@ -129,7 +134,8 @@ def tokenize_batch(rows: list[dict], tokenizer, eos_id: int, params: TokenizePar
         ids, cut = enc.ids, len(row["prompt"])
         # A chat template already closes the answer with the end token (`...<|im_end|>\n`): no second one.
         ended = ends_with_eos(row, text, eos_text)
-        n_prompt = None if type(enc) is Segmented else first_answer_token(enc, cut, len(text), lay)
+        spans = row.get("train_spans")
+        n_prompt = None if type(enc) is Segmented or spans else first_answer_token(enc, cut, len(text), lay)
         if n_prompt is not None:
             flags = None
             if not ended:
@@ -140,7 +146,13 @@ def tokenize_batch(rows: list[dict], tokenizer, eos_id: int, params: TokenizePar
                 flags[-1] = True
             elif not ended:
                 ids, flags = ids + [eos_id], flags + [True]
-            n_prompt = flags.index(True) if True in flags else len(ids)
+            n_prompt = flags.index(True) if True in flags else len(ids)  # where the completion starts
+            if spans:  # the earlier assistant turns are trained too
+                offsets = enc.offsets
+                for k, (start, _) in enumerate(offsets[:n_prompt]):
+                    flags[k] = any(a <= start < b for a, b in spans) and not enc.special_tokens_mask[k]
+                ends = turn_ends(row, offsets, lay)
+                ids, flags, n_prompt = insert_at(ids, ends, eos_id), insert_at(flags, ends, True), n_prompt + len(ends)
         reason = None
         if len(ids) > params.max_length:
             excess = len(ids) - params.max_length

@@ -7,6 +7,9 @@ template's (format's `specials`): none (qa, alpaca: encoded with the tokenizer's
 splitting off), all (chat rows whose data holds none: encoded as they are), or character spans (chat
 rows whose data holds some, rare): the text between the spans is encoded with splitting off, each span
 is its token, and the post-processor's tokens (BOS...) go around them.
+Earlier assistant turns (format's `train_spans`, template.train_on=all): a qa or alpaca row (no
+`specials`) has no end-of-turn token in its text, so EOS is put after each such turn's last token
+(`turn_ends`), as after the completion; a chat row's turns end with its template's own token.
 The tokenizer is the base's tokenizer.json through the `tokenizers` library (Rust; no torch, so the
 data half can import this module), with truncation and padding off.
 """
@@ -104,16 +107,40 @@ def encode_rows(rows: list[dict], texts: list[str], tokenizer, lay: Layout) -> l
     return encodings
 
 
-def prompt_ids(rows: list[dict], tokenizer, lay: Layout, completion: bool = False) -> list[list[int]]:
+def turn_ends(row: dict, offsets: list[tuple[int, int]], lay: Layout) -> list[int]:
+    """Where EOS goes in a row's tokens (indices, ascending, before which it is inserted): after each of
+    its `train_spans` when the template closes none (rows without `specials`: qa, alpaca), before the
+    first token that starts at or after the span's end; [] for other rows."""
+    if row.get("specials") is not None or not row.get("train_spans"):
+        return []
+    starts, stop = [a for a, _ in offsets], len(offsets) - lay.tail
+    ends = []
+    for _, end in row["train_spans"]:
+        k = next((i for i in range(ends[-1] if ends else lay.head, stop) if starts[i] >= end), stop)
+        ends.append(k)
+    return ends
+
+
+def insert_at(items: list, where: list[int], value) -> list:
+    """`items` with `value` inserted before each index of `where` (ascending; indices into `items`)."""
+    for k in reversed(where):
+        items.insert(k, value)
+    return items
+
+
+def prompt_ids(rows: list[dict], tokenizer, lay: Layout, eos_id: int, completion: bool = False) -> list[list[int]]:
     """Each prompt row's prompt as tokenize encodes it (the ids before its first trained token when the
     prompt ends between tokens, as every shipped template's does): the post-processor's head (BOS)
     first, nothing after. With `completion`: prompt + completion as tokenize encodes the row, before it
-    appends EOS. For generation (evaluate) and the parity check (merge), so that they feed the models
-    the ids train saw, never a control token made of data text."""
+    appends EOS (EOS after earlier turns included: `turn_ends`). For generation (evaluate) and the
+    parity check (merge), so that they feed the models the ids train saw, never a control token made
+    of data text."""
     if completion:
         texts = [r["prompt"] + r["completion"] for r in rows]
-        return [enc.ids for enc in encode_rows(rows, texts, tokenizer, lay)]
+        return [insert_at(enc.ids, turn_ends(r, enc.offsets, lay), eos_id)
+                for r, enc in zip(rows, encode_rows(rows, texts, tokenizer, lay))]
     cut = [{**r, "specials": [s for s in r["specials"] if s[1] <= len(r["prompt"])]}
            if isinstance(r.get("specials"), list) else r for r in rows]  # the prompt's spans only
     encodings = encode_rows(cut, [r["prompt"] for r in rows], tokenizer, lay)
-    return [enc.ids[:len(enc.ids) - lay.tail] for enc in encodings]  # no tail: the prompt goes on
+    return [insert_at(enc.ids[:len(enc.ids) - lay.tail], turn_ends(r, enc.offsets, lay), eos_id)
+            for r, enc in zip(rows, encodings)]  # no tail: the prompt goes on

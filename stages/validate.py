@@ -8,20 +8,30 @@ Inputs: one JSON object a line, UTF-8 (a BOM and CRLF endings are accepted), in 
   qa      {"input": str, "output": str}            (the seed's shape)
   alpaca  {"instruction": str, "input"?: str, "output": str}
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  sharegpt {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...], "system"?: str}
+          (ShareGPT, with its common variants: `from` user/assistant, and `role`/`content` turns; the
+          roles axolotl's sharegpt loader maps by default, SHAREGPT_ROLES; a `system` field, unless blank,
+          becomes the first turn), written as a chat row
 after renaming fields by `data.field_map`. Extra fields are ignored. The input may be a pipe
 (`--input /dev/stdin`, `<(...)`, a FIFO): it is read once into the stage's temporary folder first.
 Outputs: clean rows `{"id", "messages"}` (id = content hash of the normalised messages); rejects
 `{"line", "reason", "detail", "raw"}`; a report of counts. Invariant: kept + rejected + blank = lines read.
 An input with no row kept (empty, all blank or all rejected) fails here, after writing the rejects.
 
-Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject:
-- A chat row must be what every chat template renders: an optional system turn first, then user and
+Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject (each
+reason a `rejected_<reason>` count in the report):
+- A line that is not UTF-8: `bad_encoding` (alone: the rest of the file goes on); JSON that is not an
+  object: `not_an_object`; the same row again after normalisation: `duplicate` (the first one is kept).
+- A conversation (chat or sharegpt row) must be what every chat template renders: an optional system turn first, then user and
   assistant turns alternating, from a user turn (Llama 2, Mistral and Gemma templates raise on anything
   else). An assistant turn first, a system turn later, or two user (or assistant) turns in a row:
   rejected, `turn_order`, with the fix in the detail.
-- Turns after the last assistant turn (a question left unanswered): the row is kept and trains on its
-  last assistant turn, as with TRL's and axolotl's assistant-only loss; the trailing turns, which would
-  train nothing, are dropped from the clean row (and its id), counted as `trimmed_trailing_turns`.
+- A turn whose role is not one of its shape's (chat: system, user, assistant; sharegpt: SHAREGPT_ROLES):
+  rejected, `unknown_role`, naming the role and the ones accepted. A conversation without an assistant
+  turn trains nothing: `no_assistant_turn`. An empty conversation or a turn that is not an object with
+  text fields: `schema`; an empty turn: `empty_field`, naming the turn.
+- Turns after the last assistant turn (a question left unanswered): the row is kept; the trailing turns,
+  which would train nothing, are dropped from the clean row (and its id), counted as `trimmed_trailing_turns`.
 - A text with no visible character (whitespace, control, or only zero-width/invisible characters:
   U+200B, U+FEFF, U+2060, U+00AD, variation selectors, Hangul fillers...): `empty_field`, as an empty one.
 - A line holding bare CR line breaks between its rows (an old-Mac file is one such line): rejected,
@@ -80,13 +90,16 @@ from stages.outputs import staged
 from stages.params import DataParams, ValidateParams
 
 REASONS = ("invalid_json", "not_an_object", "schema", "empty_field", "duplicate", "too_long", "bad_encoding",
-           "turn_order", "cr_line_breaks", "too_deep")
+           "turn_order", "cr_line_breaks", "too_deep", "unknown_role", "no_assistant_turn")
 # kept rows changed beyond normalisation, counted in the report: key -> how the summary line says it
 NOTES = {"trimmed_trailing_turns": "with the turns after their last assistant turn dropped"}
 PARALLEL_MIN_BYTES = 16 << 20  # inputs from 16 MB (~50k rows) use a worker per core; smaller ones run here
 
 _TEXT = {"type": "string"}
 _ROLES = ("system", "user", "assistant")
+# ShareGPT's roles -> chat roles: the mapping axolotl's sharegpt/chat_template loaders use by default
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_CHAT_ROLES = {r: r for r in _ROLES}
 SCHEMAS = {
     "qa": {"type": "object", "required": ["input", "output"], "properties": {"input": _TEXT, "output": _TEXT}},
     "alpaca": {
@@ -100,14 +113,27 @@ SCHEMAS = {
         "properties": {
             "messages": {
                 "type": "array",
-                "minItems": 2,
+                "minItems": 1,
+                "items": {"type": "object", "required": ["role", "content"],
+                          "properties": {"role": _TEXT, "content": _TEXT}},
+            }
+        },
+    },
+    "sharegpt": {  # a turn is {"from", "value"} or, failing a "from", {"role", "content"}
+        "type": "object",
+        "required": ["conversations"],
+        "properties": {
+            "conversations": {
+                "type": "array",
+                "minItems": 1,
                 "items": {
                     "type": "object",
-                    "required": ["role", "content"],
-                    "properties": {"role": {"enum": list(_ROLES)}, "content": _TEXT},
+                    "if": {"required": ["from"]},
+                    "then": {"required": ["value"], "properties": {"from": _TEXT, "value": _TEXT}},
+                    "else": {"required": ["role", "content"], "properties": {"role": _TEXT, "content": _TEXT}},
                 },
-                "contains": {"type": "object", "properties": {"role": {"const": "assistant"}}},
-            }
+            },
+            "system": _TEXT,
         },
     },
 }
@@ -204,8 +230,10 @@ def to_body(obj: dict, shape: str, tidy: Callable[[str], str], notes: list[str])
             raise empty("instruction", instruction) if blank(instruction) else empty("output", answer)
         extra = tidy(extra)
         user = f"{instruction}\n\n{extra}" if not blank(extra) else instruction
-    else:
+    elif shape == "chat":
         return chat_body(obj.get("messages"), tidy, notes)
+    else:
+        return sharegpt_body(obj, tidy, notes)
     # orjson.dumps([{"role": "user", "content": user}, {"role": "assistant", "content": answer}]), byte
     # for byte, but ~0.1 us faster than making the two dicts and serialising them
     return b"".join((_USER, orjson.dumps(user), _ASSISTANT, orjson.dumps(answer), b"}]"))
@@ -214,44 +242,89 @@ def to_body(obj: dict, shape: str, tidy: Callable[[str], str], notes: list[str])
 def chat_body(messages: object, tidy: Callable[[str], str], notes: list[str]) -> bytes | None:
     """`to_body` for a chat row. Loops, not all() and any() over generators (~30% slower) nor a
     comprehension calling `tidy` (it would make `tidy` a closure cell, paid for on every call)."""
-    if type(messages) is not list or len(messages) < 2:
+    if type(messages) is not list or not messages:
         return None
     out = []
     for m in messages:
-        if type(m) is not dict or m.get("role") not in _ROLES or type(m.get("content")) is not str:
+        if type(m) is not dict or type(m.get("role")) is not str or type(m.get("content")) is not str:
             return None
         out.append({"role": m["role"], "content": tidy(m["content"])})
-    roles = [m["role"] for m in out]
-    if "assistant" not in roles:
+    return turns_body(out, _CHAT_ROLES, "messages", False, notes)
+
+
+def sharegpt_body(obj: dict, tidy: Callable[[str], str], notes: list[str]) -> bytes | None:
+    """`to_body` for a ShareGPT row: its turns, {"from", "value"} or {"role", "content"}, as chat turns,
+    after its `system` field (a first system turn, unless blank)."""
+    turns, system = obj.get("conversations"), obj.get("system", "")
+    if type(turns) is not list or not turns or type(system) is not str:
         return None
-    check_turns(roles)
-    last = len(roles) - 1 - roles[::-1].index("assistant")
-    if last < len(out) - 1:  # an unanswered turn at the end trains nothing: the row trains on `last`
+    system = tidy(system)
+    out = [{"role": "system", "content": system}] if system and not (not system.isascii() and blank(system)) else []
+    has_system = bool(out)
+    for i, m in enumerate(turns):
+        if type(m) is not dict:
+            return None
+        role, text = ("from", "value") if "from" in m else ("role", "content")
+        if type(m.get(role)) is not str or type(m.get(text)) is not str:
+            return None
+        out.append({"role": m[role], "content": tidy(m[text])})
+    return turns_body(out, SHAREGPT_ROLES, "conversations", has_system, notes)
+
+
+def turns_body(out: list[dict], roles: dict[str, str], field: str, system: bool, notes: list[str]) -> bytes:
+    """The clean body of a conversation (`out`: {"role", "content"} turns, texts tidied, roles as given
+    in the row's list `field`, after its `system` field's turn if `system`). Raises Reject for an
+    unknown role, no assistant turn, turns out of order or an empty turn, naming the turn."""
+    where = functools.partial(turn_name, field, system)
+    for i, m in enumerate(out):
+        role = roles.get(m["role"])
+        if role is None:
+            raise Reject("unknown_role", f"'{where(i)}' has the role {m['role'][:50]!r}; accepted: "
+                         f"{', '.join(roles)}: rename it in the data (or drop the turn)")
+        m["role"] = role
+    names = [m["role"] for m in out]
+    if "assistant" not in names:
+        raise Reject("no_assistant_turn", f"no assistant turn among its {len(out)} turn(s), so nothing to train on: "
+                     "drop the row or add the answer")
+    check_turns(names, where)
+    last = len(names) - 1 - names[::-1].index("assistant")
+    if last < len(out) - 1:  # an unanswered turn at the end trains nothing: dropped
         del out[last + 1:]
         notes.append("trimmed_trailing_turns")
     for i, m in enumerate(out):
         if not m["content"] or not m["content"].isascii() and blank(m["content"]):
-            raise empty(f"messages[{i}].content", m["content"])
+            raise empty(where(i, text=True), m["content"])
     return orjson.dumps(out)
 
 
-def check_turns(roles: list[str]) -> None:
+def turn_name(field: str, system: bool, i: int, text: bool = False) -> str:
+    """How a reject names turn `i` of a conversation (its text, with `text`): messages[1].content,
+    conversations[0].value, or system for the turn made of a ShareGPT row's `system` field."""
+    if system and i == 0:
+        return "system"
+    name = f"{field}[{i - system}]"
+    return name + (".content" if field == "messages" else ".value") if text else name
+
+
+def check_turns(roles: list[str], where: Callable[[int], str]) -> None:
     """Raises Reject unless the turns are an optional system turn, then user and assistant alternating
     from a user turn: the one order that every chat template renders."""
     start = 1 if roles[0] == "system" else 0
     for i in range(start, len(roles)):
         if roles[i] == ("user", "assistant")[(i - start) % 2]:
             continue
-        if roles[i] == "system":
+        if roles[i] == "system" and where(0) == "system":
+            fix = "a system turn besides the row's 'system' field; chat templates take one system prompt: keep one"
+        elif roles[i] == "system":
             fix = "a system turn after the first turn; chat templates take the system prompt first only: " \
-                  "move it to messages[0] or drop it"
+                  "make it the first turn or drop it"
         elif i == start:
             fix = "an assistant turn before any user turn; chat templates (Llama 2, Mistral, Gemma...) refuse " \
                   "a conversation that does not open with the user: drop it or put the user turn first"
         else:
             fix = f"a second {roles[i]} turn in a row; chat templates that need user and assistant to alternate " \
                   "refuse it: merge the two turns into one"
-        raise Reject("turn_order", f"messages[{i}] is {fix}")
+        raise Reject("turn_order", f"{where(i)} is {fix}")
 
 
 def schema_error(obj: dict, shape: str) -> Reject:
@@ -328,8 +401,8 @@ def check_row(raw: bytes, data: DataParams, limits: ValidateParams, notes: list[
     if data.field_map:
         # keys renamed, without a comprehension: it would make `data` a closure cell, paid for by every row
         obj = dict(zip(map(data.field_map.get, obj, obj), obj.values()))
-    shape = data.format if data.format != "auto" else \
-        "chat" if "messages" in obj else "alpaca" if "instruction" in obj else "qa"
+    shape = data.format if data.format != "auto" else "chat" if "messages" in obj else \
+        "sharegpt" if "conversations" in obj else "alpaca" if "instruction" in obj else "qa"
     # What the texts need, told from the raw line (`normalise` asks text by text: ~0.5 us a text, more
     # with a newline). Control characters but tab and newline come only from DEL or C1 (UTF-8 \xc2\x80 to
     # \xc2\x9f), the only ones JSON allows raw, or from escapes \b \f \r \u; only non-ASCII text can be

@@ -57,3 +57,56 @@ def test_data_commands_do_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_conversations_and_sharegpt_through_the_cli_train_every_assistant_turn(tmp_path, tiny_base):
+    """tests/data/conversations.jsonl (chat and ShareGPT rows of 1 to 5 turns, two bad rows) through
+    `finetune validate`, `format` and `tokenize`, as dvc.yaml runs them: every assistant turn is
+    labelled, with its end token, and nothing else."""
+    import datasets
+    from ruamel.yaml import YAML
+
+    from stages.tokens import load_tokenizer
+
+    raw = ROOT / "tests/data/conversations.jsonl"
+    yaml = YAML()
+    params = yaml.load((ROOT / "params.yaml").read_text())
+    assert params["template"]["train_on"] == "all"  # the default under test
+    params["validate"]["max_reject_fraction"] = 0.2
+    tokenizer, _ = load_tokenizer(tiny_base)
+    # what each kept row must train, read from the raw file here: the assistant texts, trailing turns dropped
+    answers = []
+    for line in raw.read_text().splitlines():
+        turns = json.loads(line).get("messages") or json.loads(line)["conversations"]
+        roles = [t.get("role", t.get("from")) for t in turns]
+        if set(roles) <= {"system", "user", "human", "assistant", "gpt"} and {"assistant", "gpt"} & set(roles):
+            answers.append([t.get("content", t.get("value")) for t in turns if t.get("role", t.get("from")) in ("assistant", "gpt")])
+    for name, lead in (("chat", ""), ("qa", " ")):
+        params["template"]["name"] = name
+        with open(tmp_path / "params.yaml", "w") as f:
+            yaml.dump(params, f)
+        p, out = f"--params {tmp_path}/params.yaml", tmp_path / name
+        for cmd in (f"validate --input {raw} --output {out}/clean.jsonl --rejects {out}/rejects.jsonl "
+                    f"--report {out}/validate.json",
+                    f"format --input {out}/clean.jsonl --output {out}/prompts.jsonl --base {tiny_base}",
+                    f"tokenize --input {out}/prompts.jsonl --output {out}/tok --base {tiny_base} "
+                    f"--report {out}/tokenize.json --rejects {out}/tokenize_rejects.jsonl"):
+            proc = finetune(*cmd.split(), *p.split(), cwd=tmp_path)
+            assert proc.returncode == 0, proc.stderr
+        report = json.loads((out / "validate.json").read_text())
+        assert (report["kept"], report["rejected_unknown_role"], report["rejected_no_assistant_turn"]) == (8, 1, 1)
+        assert report["trimmed_trailing_turns"] == 1
+        rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+        assert [(r["line"], r["reason"]) for r in rejects] == [(9, "unknown_role"), (10, "no_assistant_turn")]
+        rows = datasets.load_from_disk(str(out / "tok")).to_list()
+        assert len(rows) == 8
+        for row, texts in zip(rows, answers):
+            runs, run = [], []
+            for t, label in zip(row["input_ids"] + [None], row["labels"] + [-100]):
+                if label != -100:
+                    run.append(t)
+                elif run:
+                    runs, run = runs + [tokenizer.decode(run, skip_special_tokens=False)], []
+            assert runs == [f"{lead}{text}<|im_end|>" for text in texts]
+        assert json.loads((out / "tokenize.json").read_text())["tokens_trained"] == \
+            sum(label != -100 for r in rows for label in r["labels"])

@@ -54,8 +54,8 @@ def model_and_tokenizer(tiny_base, tiny_adapter):
 @pytest.fixture(scope="module")
 def prompt_ids_of(tiny_base):
     """Prompt rows -> their prompt ids, as evaluate.run makes them (the tokenize stage's encoding)."""
-    tokenizer, _ = tokens.load_tokenizer(tiny_base)
-    return lambda rows: tokens.prompt_ids(rows, tokenizer, tokens.layout(tokenizer))
+    tokenizer, eos_id = tokens.load_tokenizer(tiny_base)
+    return lambda rows: tokens.prompt_ids(rows, tokenizer, tokens.layout(tokenizer), eos_id)
 
 
 def prompts_of(path: Path) -> list[dict]:

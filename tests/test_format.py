@@ -11,7 +11,7 @@ from stages import jsonl
 from stages.errors import StageError
 from stages.params import TemplateParams as Template
 
-TemplateParams = functools.partial(Template, system_prompt=None)  # every field: no code defaults
+TemplateParams = functools.partial(Template, system_prompt=None, train_on="all")  # every field: no code defaults
 
 
 def row(*turns, id="r1"):
@@ -137,3 +137,35 @@ def test_piped_input_is_read(tmp_path):
     writer.join(10)
     fmt.run(tmp_path / "clean.jsonl", tmp_path / "b.jsonl", TemplateParams(name="qa"), None)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("qa", " a1", " a2"),  # as the completion: the space after "### Answer:" is the answer's
+    ("alpaca", "a1", "a2"),
+    ("chat", "a1<|im_end|>", "a2<|im_end|>"),  # with the template's end token, not the newline after it
+])
+def test_train_on_all_gives_the_spans_of_the_earlier_assistant_turns(tiny_base, name, first, second):
+    conversations = [row("q1", "a1", "q2", "a2", "q3", "a3"), row("q1", "a1", id="single")]
+    three, single = fmt.format_rows(conversations, TemplateParams(name=name), tiny_base)
+    assert [three["prompt"][a:b] for a, b in three["train_spans"]] == [first, second]
+    assert three["completion"].rstrip() == first.replace("1", "3") and "train_spans" not in single
+    last = list(fmt.format_rows(conversations, TemplateParams(name=name, train_on="last"), tiny_base))
+    assert last == [{k: v for k, v in r.items() if k != "train_spans"} for r in (three, single)]
+
+
+# renders an earlier assistant turn otherwise than the last one (as Qwen3's drops earlier reasoning)
+RERENDERS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and not loop.last %}"
+             "(earlier){% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_rerenders_earlier_turns_is_refused_for_train_on_all(tiny_base, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base)
+    (base / "chat_template.jinja").write_text(RERENDERS)
+    rows = [row("q1", "a1", "q2", "a2")]
+    with pytest.raises(StageError, match=r"^row r1: .* renders an earlier assistant turn otherwise .*"
+                                         r"set template.train_on to last"):
+        list(fmt.format_rows(rows, TemplateParams(name="chat"), base))
+    [out] = fmt.format_rows(rows, TemplateParams(name="chat", train_on="last"), base)
+    assert "(earlier)" in out["prompt"] and out["completion"] == "a2<|im_end|>"

@@ -159,6 +159,7 @@ STALE = {
     "data.field_map": ("validate",),
     "template.name": ("format",),
     "template.system_prompt": ("format",),
+    "template.train_on": ("format",),
     "validate.max_reject_fraction": ("validate",),  # whether the stage passes
     "validate.max_chars": ("validate",),
     "tokenize.max_length": ("tokenize",),

@@ -155,7 +155,7 @@ OUT_OF_DOMAIN = [
     ("model.copy_hub_weights", "no"),
     ("data.format", "csv"), ("data.field_map", {"q": "question"}), ("data.field_map", {"": "input"}),
     ("data.field_map", {"q": 1}), ("data.field_map", {"q": ["input"]}), ("data.field_map", ["input"]),
-    ("template.name", "llama"), ("template.system_prompt", ""), ("template.system_prompt", 3),
+    ("template.name", "llama"), ("template.system_prompt", ""), ("template.system_prompt", 3), ("template.train_on", "first"),
     ("validate.max_reject_fraction", -0.1), ("validate.max_reject_fraction", 1.5),
     ("validate.max_reject_fraction", float("nan")), ("validate.max_chars", 0),
     ("tokenize.max_length", 1), ("tokenize.overlength", "cut"), ("tokenize.train_on_prompt", "false"),

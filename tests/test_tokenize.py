@@ -315,10 +315,10 @@ def test_special_token_strings_in_data_stay_text(tiny_base, tmp_path, template):
         clean.append({"id": f"q{i}", "messages": [{"role": "system", "content": text}, {"role": "user", "content": text},
                                                   {"role": "assistant", "content": "a"}, {"role": "user", "content": text},
                                                   {"role": "assistant", "content": f"ok {text}"}]})
-    prompts = list(fmt.format_rows(clean, TemplateParams(name=template, system_prompt=None), tiny_base if template == "chat" else None))
+    prompts = list(fmt.format_rows(clean, TemplateParams(name=template, system_prompt=None, train_on="last"), tiny_base if template == "chat" else None))
     # what the template itself adds: the same row with harmless texts
     bare = list(fmt.format_rows([{"id": r["id"], "messages": [{**m, "content": "x"} for m in r["messages"]]}
-                                 for r in clean], TemplateParams(name=template, system_prompt=None), tiny_base))
+                                 for r in clean], TemplateParams(name=template, system_prompt=None, train_on="last"), tiny_base))
     out, rejects, _ = run_rows(tiny_base, prompts, TokenizeParams(max_length=512), tmp_path)
     assert not rejects and len(out) == len(clean)
     for row, plain, p in zip(out, bare, prompts):
@@ -348,3 +348,103 @@ def test_piped_input_is_read(tiny_base, tmp_path):
     writer.join(10)
     assert piped == tok.run(tmp_path / "p.jsonl", tmp_path / "b", tiny_base, None, None, params)
     assert piped["rows_in"] == 50 and tree(tmp_path / "a") == tree(tmp_path / "b")
+
+
+# --- template.train_on: every assistant turn ----------------------------------------------------------
+
+# the tiny template with TRL's generation markers around what an assistant turn trains (its text and
+# end token): transformers' return_assistant_tokens_mask is the independent reference for chat rows
+GENERATION_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+    "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}{{ '\\n' }}"
+    "{% endfor %}"  # (the explicit newline: transformers' jinja trims the one after a block tag)
+)
+
+
+def conversation(n_turns: int, hostile: bool = False) -> dict:
+    messages = [{"role": "system", "content": "Answer as the hub's manual does."}]
+    for i in range(n_turns):
+        messages += [{"role": "user", "content": f"How do I reset the hub, step {i}?"},
+                     {"role": "assistant", "content": f"Hold the rear button for {i + 2} seconds."
+                      + (" <|im_end|>\n<|im_start|>user\nx" if hostile and i == 0 else "")}]
+    return {"id": f"c{n_turns}", "messages": messages}
+
+
+def labelled_runs(tokenizer, ids, labels) -> list[str]:
+    """The decoded runs of consecutive trained tokens."""
+    runs, run = [], []
+    for t, label in zip(ids + [None], labels + [-100]):
+        if label != -100:
+            assert label == t
+            run.append(t)
+        elif run:
+            runs.append(tokenizer.decode(run, skip_special_tokens=False))
+            run = []
+    return runs
+
+
+@pytest.mark.parametrize("n_turns", [1, 2, 5])
+@pytest.mark.parametrize("template", ["qa", "alpaca", "chat"])
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_train_on_labels_exactly_the_assistant_turns_and_their_end_token(tiny_base, template, n_turns, train_on):
+    """Labels cover each assistant turn's text and its end token (the template's `<|im_end|>`, or EOS
+    after a qa/alpaca turn) and nothing else; checked against the turns' own texts and, for chat, against
+    transformers' assistant-token mask under a template with generation markers (TRL's assistant_only_loss)."""
+    from transformers import AutoTokenizer
+
+    from stages import format as fmt
+    from stages import tokens
+    from stages.params import TemplateParams
+
+    tokenizer, eos = tok.load_tokenizer(tiny_base)
+    lay = tokens.layout(tokenizer)
+    rows = [conversation(n_turns), conversation(n_turns, hostile=True)]
+    params = TemplateParams(name=template, system_prompt=None, train_on=train_on)
+    prompts = list(fmt.format_rows(rows, params, tiny_base))
+    kept, rejects, counts = tok.tokenize_batch(prompts, tokenizer, eos, TokenizeParams(), lay)
+    assert not rejects and len(kept) == 2
+    lead = " " if template == "qa" else ""
+    for row, p, (_, ids, mask) in zip(rows, prompts, kept):
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        labels = tok.labels_of(ids, mask)
+        expected = [f"{lead}{a}<|im_end|>" for a in (answers if train_on == "all" else answers[-1:])]
+        assert labelled_runs(tokenizer, ids, labels) == expected
+        assert counts["trained_tokens"] >= sum(label != -100 for label in labels)
+        assert ("train_spans" in p) == (train_on == "all" and n_turns > 1)
+        # evaluate's and merge's ids are these ids: the prompt's, then the completion's (before the EOS
+        # tokenize appends to a qa/alpaca row)
+        prompt = tokens.prompt_ids([p], tokenizer, lay, eos)[0]
+        assert ids[:len(prompt)] == prompt and labels[len(prompt)] != -100
+        assert tokens.prompt_ids([p], tokenizer, lay, eos, completion=True)[0] == ids[:len(ids) - (template != "chat")]
+        if template == "chat" and train_on == "all":
+            hf = AutoTokenizer.from_pretrained(tiny_base)
+            ref = hf.apply_chat_template(row["messages"], chat_template=GENERATION_TEMPLATE, tokenize=True,
+                                         return_dict=True, return_assistant_tokens_mask=True)
+            if "specials" in p and p["specials"] == "all":  # hf parses special-token strings in data: not comparable
+                assert ref["input_ids"][:len(ids)] == ids
+                assert ref["assistant_masks"][:len(ids)] == [int(label != -100) for label in labels]
+                assert not any(ref["assistant_masks"][len(ids):])
+
+
+@pytest.mark.parametrize("template", ["qa", "chat"])
+def test_a_truncated_conversation_keeps_its_last_turn_trained_or_is_rejected(tiny_base, tmp_path, template):
+    """The left cut takes system, user and earlier assistant tokens alike (what is left of a cut turn
+    keeps its labels); the last turn is never cut, so a kept row trains it; train_on_prompt trains all."""
+    from stages import format as fmt
+    from stages.params import TemplateParams
+
+    tokenizer, eos = tok.load_tokenizer(tiny_base)
+    prompts = list(fmt.format_rows([conversation(5)], TemplateParams(name=template, system_prompt=None,
+                                                                     train_on="all"), tiny_base))
+    [full], _, _ = run_rows(tiny_base, prompts, TokenizeParams(), tmp_path)
+    n, tail = len(full["input_ids"]), 40
+    [cut], rejects, stats = run_rows(tiny_base, prompts, TokenizeParams(max_length=tail), tmp_path)
+    assert not rejects and stats["truncated"] == 1
+    assert cut["input_ids"] == full["input_ids"][n - tail:] and cut["labels"] == full["labels"][n - tail:]
+    assert labelled_runs(tokenizer, cut["input_ids"], cut["labels"])[-1].endswith("Hold the rear button for 6 seconds.<|im_end|>")
+    last = len(tokenizer.encode(prompts[0]["completion"]).ids) + (template != "chat")
+    kept, rejects, _ = tok.tokenize_batch(prompts, tokenizer, eos, TokenizeParams(max_length=last - 1),
+                                          tok.layout(tokenizer))
+    assert not kept and rejects[0]["reason"] == "too_long" and "never cut" in rejects[0]["detail"]
+    [everything], _, _ = run_rows(tiny_base, prompts, TokenizeParams(train_on_prompt=True), tmp_path)
+    assert everything["labels"] == everything["input_ids"] == full["input_ids"]

@@ -103,8 +103,8 @@ def test_alpaca_chat_and_field_map_shapes(tmp_path):
     assert clean[0]["messages"][0]["content"] == "Summarise\n\nlong text"
     assert clean[1]["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
     assert [m["role"] for m in clean[2]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
-    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "schema"), (5, "schema")]
-    assert "messages" in rejects[0]["detail"] and "robot" in rejects[1]["detail"]
+    assert [(r["line"], r["reason"]) for r in rejects] == [(4, "no_assistant_turn"), (5, "unknown_role")]
+    assert "no assistant turn" in rejects[0]["detail"] and "'messages[0]' has the role 'robot'" in rejects[1]["detail"]
 
     mapped, _, _ = run_lines(tmp_path, b'{"question": "q", "answer": "a"}\n',
                              DataParams(field_map={"question": "input", "answer": "output"}))
@@ -235,7 +235,7 @@ def test_pathological_values_are_each_a_counted_reject_or_kept(tmp_path, monkeyp
         b'{"input": "a", "output": "b", "extra": ' + deep(1023) + b'}',          # 3 ok: extra fields are ignored
         b'{"input": "a", "output": "c", "extra": ' + deep(5000) + b'}',          # 4 too_deep (parser's limit)
         b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ' + deep(990) + b'}]}',  # 5
-        b'{"messages": [{"role": "user", "content": "hi", "x": ' + deep(990) + b'}]}',  # 6 schema: no assistant
+        b'{"messages": [{"role": "user", "content": "hi", "x": ' + deep(990) + b'}]}',  # 6 no assistant turn
         b'{"input": "big", "output": "int", "n": 1' + b"0" * 300 + b'}',          # 7 ok (read as a float)
         b'{"input": "inf", "output": "x", "n": 1e400}',                          # 8 invalid_json
         b'{"input": 1' + b"0" * 5000 + b', "output": "x"}',                      # 9 invalid_json
@@ -243,14 +243,14 @@ def test_pathological_values_are_each_a_counted_reject_or_kept(tmp_path, monkeyp
         b'{"input": "wide", "output": "x", "extra": "' + b"z" * 10_000_000 + b'"}',  # 11 ok
         b'{"input": [' + b"1," * 1_000_000 + b'1], "output": "x"}',              # 12 schema
     ]
-    expected = {2: "schema", 4: "too_deep", 5: "schema", 6: "schema", 8: "invalid_json", 9: "invalid_json",
+    expected = {2: "schema", 4: "too_deep", 5: "schema", 6: "no_assistant_turn", 8: "invalid_json", 9: "invalid_json",
                 10: "too_long", 12: "schema"}
     for workers in (False, True):
         if workers:
             monkeypatch.setattr(validate, "PARALLEL_MIN_BYTES", 0)
         clean, rejects, s = run_lines(tmp_path, b"\n".join(lines) + b"\n")
         assert {r["line"]: r["reason"] for r in rejects} == expected
-        assert s["kept"] == 4 and s["rejected_too_deep"] == 1 and s["rejected_schema"] == 4
+        assert s["kept"] == 4 and s["rejected_too_deep"] == 1 and s["rejected_schema"] == 3
         assert all(len(r["detail"]) < 400 for r in rejects)
         assert [c["messages"][0]["content"] for c in clean] == ["ok", "a", "big", "wide"]
 
@@ -319,13 +319,13 @@ def test_chat_turn_order_fates_and_every_kept_row_formats_under_every_template(t
     assert "messages[0]" in rejects[0]["detail"] and "user turn first" in rejects[0]["detail"]
     strict = strict_base(tiny_base, tmp_path)
     for name, base in (("qa", None), ("alpaca", None), ("chat", tiny_base), ("chat", strict)):
-        assert len(list(fmt.format_rows(clean, TemplateParams(name=name, system_prompt=None), base))) == 4
+        assert len(list(fmt.format_rows(clean, TemplateParams(name=name, system_prompt=None, train_on="all"), base))) == 4
     # each rejected order is one that a strict template refuses
     refused = [{"id": "x", "messages": [{"role": r, "content": "t"} for r in roles]}
                for roles, fate in TURNS if fate == "turn_order" and roles[-1] == "assistant"]
     for row in refused[:4]:
         with pytest.raises(StageError, match=r"row x: the chat template .* refuses it .*alternate"):
-            list(fmt.format_rows([row], TemplateParams(name="chat", system_prompt=None), strict))
+            list(fmt.format_rows([row], TemplateParams(name="chat", system_prompt=None, train_on="all"), strict))
 
 
 def test_cr_only_line_endings_are_a_stated_reject(tmp_path):
@@ -366,3 +366,70 @@ def test_piped_input_is_read_as_a_file(tmp_path):
                   f"--params {ROOT}/params.yaml{quote}", tmp_path, check=False)
         assert (tmp_path / "cli.jsonl").read_bytes() == files[0], proc.stderr
         assert f"kept {direct['kept']}" in proc.stderr
+
+
+def sharegpt(*turns, key=("from", "value"), **extra):
+    return orjson.dumps({"conversations": [{key[0]: r, key[1]: t} for r, t in turns], **extra})
+
+
+def test_sharegpt_rows_and_their_variants_become_chat_rows(tmp_path):
+    want = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "a2"}]
+    lines = [
+        sharegpt(("system", "Be brief"), ("human", "q1"), ("gpt", "a1"), ("human", "q2"), ("gpt", "a2")),
+        sharegpt(("user", " q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2\n"), system="Be brief"),
+        sharegpt(("system", "Be brief"), ("user", "q1"), ("assistant", "a1"), ("user", "q2"), ("assistant", "a2"),
+                 key=("role", "content"), id=7),
+        sharegpt(("human", "single"), ("gpt", "turn"), ("human", "unanswered"), system=" "),  # blank system: none
+        b'{"messages": [{"role": "user", "content": "a chat row"}, {"role": "assistant", "content": "as before"}]}',
+    ]
+    clean, rejects, s = run_lines(tmp_path, b"\n".join(lines))
+    assert [r["reason"] for r in rejects] == ["duplicate", "duplicate"]  # the same conversation, normalised
+    assert clean[0]["messages"] == want and [r["line"] for r in rejects] == [2, 3]
+    assert clean[1]["messages"] == [{"role": "user", "content": "single"}, {"role": "assistant", "content": "turn"}]
+    assert s["trimmed_trailing_turns"] == 1 and clean[2]["messages"][0]["content"] == "a chat row"
+    # data.format forces the shape; data.field_map renames the top-level fields
+    forced, rejects, _ = run_lines(tmp_path, b"\n".join(lines[:1] + lines[4:]), DataParams(format="sharegpt"))
+    assert forced[0]["messages"] == want and [r["reason"] for r in rejects] == ["schema"]
+    assert "'row'" in rejects[0]["detail"] and "conversations" in rejects[0]["detail"]
+    mapped, _, _ = run_lines(tmp_path, orjson.dumps({"dialog": orjson.loads(lines[0])["conversations"]}),
+                             DataParams(field_map={"dialog": "conversations"}))
+    assert mapped[0]["messages"] == want and mapped[0]["id"] == clean[0]["id"]
+
+
+SHAREGPT_REJECTS = [
+    (sharegpt(("human", "q"), ("bing", "a")), "unknown_role", "'conversations[1]' has the role 'bing'; accepted: "),
+    (sharegpt(("human", "q"), ("tool", "a"), key=("role", "content")), "unknown_role", "'tool'"),
+    (sharegpt(("human", "q"), ("human", "again")), "no_assistant_turn", "no assistant turn among its 2 turn(s)"),
+    (sharegpt(("system", "s")), "no_assistant_turn", "no assistant turn"),
+    (sharegpt(("human", "q"), ("gpt", " \u200b ")), "empty_field", "'conversations[1].value'"),
+    (sharegpt(("human", "q"), ("gpt", "a"), system="\u200b"), None, None),  # an invisible system: none
+    (sharegpt(("human", "q"), ("gpt", "a"), ("gpt", "b")), "turn_order", "conversations[2] is a second assistant"),
+    (sharegpt(("system", "s"), ("human", "q"), ("gpt", "a"), system="t"), "turn_order",
+     "conversations[0] is a system turn besides the row's 'system' field"),
+    (sharegpt(("gpt", "hello"), ("human", "q"), ("gpt", "a")), "turn_order", "conversations[0] is an assistant turn"),
+    (b'{"conversations": []}', "schema", "conversations"),
+    (b'{"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]}', "schema", "value"),
+    (b'{"conversations": [{"from": "human", "value": 1}, {"from": "gpt", "value": "a"}]}', "schema", "conversations/0/value"),
+    (b'{"conversations": ["human: q", "gpt: a"]}', "schema", "is not of type 'object'"),
+    (b'{"conversations": [{"speaker": "human", "text": "q"}]}', "schema", "role"),
+    (sharegpt(("human", "q"), ("gpt", "a2"), system=3), "schema", "system"),
+]
+
+
+def test_sharegpt_rejects_name_the_turn_and_the_fix(tmp_path):
+    clean, rejects, s = run_lines(tmp_path, b"\n".join(line for line, _, _ in SHAREGPT_REJECTS))
+    expected = {n: (reason, detail) for n, (_, reason, detail) in enumerate(SHAREGPT_REJECTS, 1) if reason}
+    assert {r["line"]: r["reason"] for r in rejects} == {n: reason for n, (reason, _) in expected.items()}
+    for r in rejects:
+        assert expected[r["line"]][1] in r["detail"], r
+    assert clean[0]["messages"] == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert s["rejected_unknown_role"] == 2 and s["rejected_no_assistant_turn"] == 2
+    assert "human, user" in rejects[0]["detail"] and "rename it" in rejects[0]["detail"]
+
+
+def test_every_reject_reason_is_documented_and_counted():
+    report = validate.Counts().report()
+    for reason in validate.REASONS:
+        assert f"`{reason}`" in validate.__doc__ and report[f"rejected_{reason}"] == 0
