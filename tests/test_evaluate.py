@@ -246,3 +246,26 @@ def test_generation_prompts_are_the_tokenize_stage_ids(tmp_path, monkeypatch, ti
     hostile = next(r for r in rows if HOSTILE in r["prompt"])
     template_specials = [s for s in hostile.get("specials") or [] if s[1] <= len(hostile["prompt"])]
     assert sum(t in specials for t in stage[hostile["id"]]) == len(template_specials) == {"chat": 3, "qa": 0}[template]
+
+
+def test_decoding_with_torchs_grouped_query_attention_gives_sdpas_tokens(tiny_model_dir):
+    """sdpa_gqa (inference loads: evaluate, merge, chat) leaves prefill to transformers' sdpa and runs each
+    decoding step through torch's enable_gqa instead of repeated K/V heads: the same greedy tokens, padded
+    rows included (the tiny model has 4 query / 2 KV heads)."""
+    from transformers import AutoModelForCausalLM
+
+    from stages import modeling
+
+    modeling.register_sdpa_gqa()
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa_gqa")
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    assert ours.config.num_key_value_heads < ours.config.num_attention_heads
+    torch.manual_seed(0)
+    ids = torch.randint(5, 500, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :7] = mask[1, :3] = 0
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=2)
+    assert torch.equal(ours.generate(**kwargs), ref.generate(**kwargs))
+    with torch.no_grad():
+        step = dict(input_ids=ids, attention_mask=mask)
+        assert torch.allclose(ours(**step).logits, ref(**step).logits, atol=1e-5)
