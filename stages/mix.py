@@ -131,9 +131,9 @@ def leaks(train: list[dict], eval_rows: list[dict], threshold: float) -> list[di
                 continue
             match, kind = -best[1], "near"
         t = train[match]
-        out.append({"eval_id": row["id"], "eval_source": row.get("source"), "kind": kind,
-                    "jaccard": round(jaccard(mine, train_sets[match]), 4), "train_id": t["id"],
-                    "train_source": t.get("source"), "eval_question": user_text(row), "train_question": user_text(t)})
+        out.append({"eval_id": row["id"], "eval_source": row.get("source"), "eval_line": row.get("line"),
+                    "kind": kind, "jaccard": round(jaccard(mine, train_sets[match]), 4), "train_id": t["id"],
+                    "train_source": t.get("source"), "train_line": t.get("line"), "eval_question": user_text(row), "train_question": user_text(t)})
     return out
 
 

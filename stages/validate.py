@@ -12,8 +12,8 @@ after renaming fields by `data.field_map`. Extra fields are ignored. The input i
 of `*.jsonl` files, the split's sources, read in name order (another file there is refused, hidden
 ones are not data); a file may be a pipe (`--input /dev/stdin`, `<(...)`, a FIFO): it is read once
 into the stage's temporary folder first.
-Outputs: clean rows `{"id", "messages", "source"}` (id = content hash of the normalised messages;
-source = the file's name); rejects `{"source", "line", "reason", "detail", "raw"}`, line = 1-based in
+Outputs: clean rows `{"id", "messages", "source", "line"}` (id = content hash of the normalised
+messages; source = the file's name, line = 1-based in it); rejects `{"source", "line", "reason", "detail", "raw"}`, line = 1-based in
 that file; a report of counts, for the split and per source under `sources`. Invariant, for each
 source and in all: kept + rejected + blank = lines read. A row seen in an earlier source is a duplicate.
 An input with no row kept (empty, all blank or all rejected) fails here, after writing the rejects.
@@ -467,15 +467,18 @@ def settle(checked: Checked, first_line: int, clean: bytes, seen: SeenKeys,
     counts.blank += checked.blank
     fresh = seen.first_seen(np.frombuffer(bytes(checked.keys), dtype="<u8"))  # as int.from_bytes(.., "little")
     rejects = checked.rejects
-    pieces, start = [], 0
     dups = np.flatnonzero(~fresh).tolist()  # a few a block: ~0.15% of rows
-    for i in dups:  # cut the duplicates out of `clean`, keeping the stretches between them
-        pieces.append(memoryview(clean)[start:checked.ends[i - 1] if i else 0])
-        start = checked.ends[i]
+    for i in dups:
         raw = raw_between(checked.starts[i], checked.starts[i + 1] if i + 1 < len(checked.starts) else None)
         rejects.append((checked.where[i], "duplicate", "same text as an earlier row after normalisation",
                         raw.split(b"\n", 1)[0]))
-    pieces.append(memoryview(clean)[start:])
+    # each kept line, its closing `}\n` replaced by its line number in the file (known only now) and `}\n`
+    pieces, start, view, keep = [], 0, memoryview(clean), fresh.tolist()
+    for end, n, kept in zip(checked.ends, checked.where, keep):
+        if kept:
+            pieces.append(view[start:end - 2])
+            pieces.append(b',"line":%d}\n' % (first_line + n - 1))
+        start = end
     if dups:
         rejects.sort(key=lambda r: r[0])
     counts.kept += len(fresh) - len(dups)
@@ -526,8 +529,9 @@ def sources(input: Path) -> list[tuple[str, Path]]:
 def run(input: Path, output: Path, rejects: Path, report: Path | None, data: DataParams,
         limits: ValidateParams) -> dict:
     """`input`: a JSONL file or a folder of them (`sources`). Each clean row carries its source's name
-    (`source`), each reject its source and its line in that file; the report has the counts of the whole
-    split and, under `sources`, of each file. A row found again in a later source is a duplicate there."""
+    and its line there (`source`, `line`), each reject its source and its line too; the report has the
+    counts of the whole split and, under `sources`, of each file. A row found again in a later source
+    is a duplicate there."""
     inputs = sources(input)
     counts, seen, by_source = Counts(), SeenKeys(), {}
     with staged(output, rejects, report) as (tmp, rejects_tmp, report_tmp), \
@@ -565,7 +569,7 @@ def run(input: Path, output: Path, rejects: Path, report: Path | None, data: Dat
 def check_source(name: str, input: Path, scratch: Path, data: DataParams, limits: ValidateParams,
                  seen: SeenKeys, good: BinaryIO, bad: BinaryIO) -> Counts:
     """One source file through the blocks (see the module docstring), its clean lines appended to `good`
-    tagged with `name`, its rejects to `bad` with `name` and the line in this file; its counts."""
+    tagged with `name` and their line, its rejects to `bad` with `name` and the line in this file; its counts."""
     counts, first_line, tag = Counts(), 1, b',"source":' + orjson.dumps(name)
     with open(path := as_file(input, scratch), "rb") as source:  # a pipe is read into the scratch folder first
         workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
