@@ -23,7 +23,7 @@ import typer
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, format, tokenize, "
+                  help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, mix, format, tokenize, "
                        "import-base, train, evaluate, merge; audit with `lineage`.")
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
@@ -57,6 +57,28 @@ def validate(
     from stages import validate as stage
 
     stage.run(input, output, rejects, report, p.data, p.validate)
+
+
+@app.command()
+def mix(
+    train: Path = typer.Option(Path("data/clean/train.jsonl"), help="clean train rows"),
+    eval: Path = typer.Option(Path("data/clean/eval.jsonl"), help="clean eval rows"),
+    train_out: Path = typer.Option(Path("data/mixed/train.jsonl"), help="train rows, sources weighted"),
+    eval_out: Path = typer.Option(Path("data/mixed/eval.jsonl"), help="eval rows (leaked ones dropped with drop)"),
+    metrics: Path = typer.Option(Path("metrics/mix.json"), help="rows per source, leak counts (JSON)"),
+    report: Path = typer.Option(Path("reports/leakage.jsonl"), help="each leaked eval row and its train match"),
+    params: Path = PARAMS,
+) -> None:
+    """Weight the train sources (data.weights); check train/eval leakage (leakage.*)."""
+    from stages.outputs import CLEAN, LEAKAGE, METRICS, check
+
+    p = _params(params)
+    check({"--train": train, "--eval": eval, "--params": params},
+          {"--train-out": (train_out, CLEAN), "--eval-out": (eval_out, CLEAN), "--metrics": (metrics, METRICS),
+           "--report": (report, LEAKAGE)})
+    from stages import mix as stage
+
+    stage.run(train, eval, train_out, eval_out, metrics, report, p.data, p.leakage, p.seed)
 
 
 @app.command("format")
@@ -127,7 +149,8 @@ def train(
     metrics: Path = typer.Option(Path("metrics/train.json")),
     plots: Path = typer.Option(Path("plots/train"), help="per-step loss / learning-rate curves"),
     checkpoints: Path = typer.Option(Path("checkpoints/train"), help="resumable checkpoints (outside DVC)"),
-    lineage_data: List[Path] = typer.Option([], "--lineage-data", help="raw data files recorded in lineage"),
+    lineage_data: List[Path] = typer.Option([], "--lineage-data", help="raw data files or source folders recorded in lineage"),
+    lineage_rows: Optional[Path] = typer.Option(None, "--lineage-rows", help="the train rows with their source (mix's output): rows trained per source, in lineage"),
     params: Path = PARAMS,
 ) -> None:
     """QLoRA/LoRA fine-tune; several GPUs go through `accelerate launch` with an FSDP config."""
@@ -135,12 +158,12 @@ def train(
 
     _params(params)
     check({"--train": train_data, "--eval": eval_data, "--base": base, "--lineage-data": lineage_data,
-            "--params": params},
+           "--lineage-rows": lineage_rows, "--params": params},
            {"--output": (output, ADAPTER), "--metrics": (metrics, METRICS), "--plots": (plots, PLOTS),
             "--checkpoints": (checkpoints, CHECKPOINTS)})
     from stages import train as stage
 
-    stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params)
+    stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params, lineage_rows)
 
 
 @app.command()

@@ -4,7 +4,10 @@
   base        source, revision, sha256 of the weights, parameter count
   model       how train loaded the base: quantize (4bit | none) and dtype as resolved from `auto` on
               the training machine, attn_implementation; evaluate and merge load it the same way
-  data        each raw data file with its md5 (the value dvc.lock records for it)
+  data        each raw data file (a source folder: each of its .jsonl files) with its md5 (the value
+              dvc.lock records for a file; a folder's .dir entry lists them), its source name and,
+              given the train rows with their sources, how many rows were trained on from it
+              (`rows_trained`: copies counted, so a source weighted 2.0 counts each row twice)
   rows        how many rows were trained on and the sha256 of their ids, in order
   params      the full params used, URLs redacted (`redact`)
   git         the last commit that changed the code, and whether the code had uncommitted changes
@@ -23,6 +26,7 @@ import os
 import platform
 import re
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -92,14 +96,35 @@ def versions() -> dict:
     return out
 
 
-def build(params: Params, base_meta: dict, data_files: list[Path], ids: list[str], quantized: bool,
-          dtype: str) -> dict:
-    """The record train writes; `quantized` and `dtype` are how it loaded the base (auto resolved)."""
+def data_files(paths: list[Path]) -> list[Path]:
+    """The files of these paths, a source folder standing for its .jsonl files (as validate reads them)."""
+    return [f for p in paths for f in (sorted(x for x in p.iterdir() if x.suffix == ".jsonl" and
+                                              not x.name.startswith(".")) if p.is_dir() else [p])]
+
+
+def row_sources(rows: Path) -> dict[str, str]:
+    """id -> source of each row of a file of clean rows (mix's train output)."""
+    from stages.jsonl import read_jsonl
+
+    return {r["id"]: r["source"] for r in read_jsonl(rows)}
+
+
+def build(params: Params, base_meta: dict, data_paths: list[Path], ids: list[str], quantized: bool,
+          dtype: str, sources: dict[str, str] | None = None) -> dict:
+    """The record train writes; `quantized` and `dtype` are how it loaded the base (auto resolved);
+    `sources`: id -> source name of the train rows, to count the rows trained from each data file."""
+    trained = Counter(sources.get(i) for i in ids) if sources is not None else None
+    data = []
+    for p in data_files(data_paths):
+        entry = {"path": str(p), "md5": file_md5(p), "source": p.name}
+        if trained is not None:
+            entry["rows_trained"] = trained.get(p.name, 0)
+        data.append(entry)
     return {
         "base": {k: base_meta.get(k) for k in ("source", "revision", "sha256", "parameters")},
         "model": {"quantize": "4bit" if quantized else "none", "dtype": dtype,
                   "attn_implementation": params.model.attn_implementation},
-        "data": [{"path": str(p), "md5": file_md5(p)} for p in data_files],
+        "data": data,
         "rows": {"count": len(ids), "ids_sha256": ids_hash(ids)},
         "params": redact(as_dict(params)),
         "git": git_state(),
@@ -138,7 +163,8 @@ def describe(record: dict) -> str:
     lines = [
         f"base      {b['source']}" + (f" @ {b['revision']}" if b.get("revision") else "")
         + f"  sha256 {b['sha256'][:16]}  {b['parameters']:,} parameters",
-        *[f"data      {d['path']}  md5 {d['md5']}" for d in record["data"]],
+        *[f"data      {d['path']}  md5 {d['md5']}" + (f"  {d['rows_trained']} rows trained" if "rows_trained" in d
+                                                    else "") for d in record["data"]],
         f"rows      {r['count']} trained rows, ids sha256 {r['ids_sha256'][:16]}",
         f"code      commit {g['commit'] or '(not a git repo)'}" + ("  (uncommitted changes)" if g["dirty"] else ""),
         f"exp       {record.get('dvc_experiment') or '(plain dvc repro / direct run)'}",

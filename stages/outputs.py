@@ -86,6 +86,7 @@ class Kind:
 
 
 CLEAN = Kind("clean rows (a JSONL whose rows have id and messages)", False, first_row_has("id", "messages"))
+LEAKAGE = Kind("a leakage report (a JSONL whose rows have eval_id and kind)", False, first_row_has("eval_id", "kind"))
 REJECTS = Kind("rejects (a JSONL whose rows have a reason)", False, first_row_has("reason"))
 PROMPTS = Kind("prompt rows (a JSONL whose rows have id, prompt and completion)", False,
                first_row_has("id", "prompt", "completion"))

@@ -117,6 +117,14 @@ def _field_map_ok(m: dict) -> bool:
     return not m or all(_text(k) and isinstance(v, str) for k, v in m.items()) and set(m.values()) <= _row_fields()
 
 
+def _weights_ok(m: dict) -> bool:
+    return all(_text(k) and type(v) in (int, float) and Range(0, math.inf, "()")(v) for k, v in m.items())
+
+
+def _split_path_ok(v: Any) -> bool:
+    return _text(v) and not Path(v).is_absolute() and ".." not in Path(v).parts
+
+
 def _protocols(url: str) -> list[str]:
     """The fsspec protocols of a URL (chained ones too: simplecache::s3://...); none for a local folder."""
     if "://" not in url and "::" not in url:
@@ -148,6 +156,9 @@ SOURCE = Check(lambda v: _text(v) and _source_kind(v) is not None,
                lambda: "a local model directory, a hub id owner/name, or one of " + ", ".join(_embedded()))
 FIELD_MAP = Check(_field_map_ok, lambda: "a mapping from your field names to row fields ("
                                          + ", ".join(sorted(_row_fields())) + ")")
+WEIGHTS = Check(_weights_ok, "a mapping from a train source's file name to a weight > 0 (2.0 = each row twice, "
+                              "0.5 = a seeded half); {} = every source once")
+SPLIT_PATH = Check(_split_path_ok, "a path inside the project: a JSONL file, or a folder of JSONL files")
 MODULES = Check(_modules_ok, "a module name or regex (all-linear = every linear layer but lm_head), "
                              "or a non-empty list of module names")
 SYNC = Check(lambda v: _text(v) and _sync_ok(v),
@@ -199,6 +210,16 @@ class ModelParams:
 class DataParams:
     format: Literal["auto", "qa", "alpaca", "chat", "sharegpt"]
     field_map: Annotated[dict, FIELD_MAP]
+    train: Annotated[str, SPLIT_PATH]
+    eval: Annotated[str, SPLIT_PATH]
+    weights: Annotated[dict, WEIGHTS]
+
+
+@dataclass(frozen=True)
+class LeakageParams:
+    action: Literal["report", "drop", "fail"]
+    threshold: Annotated[float, Range(0, 1, "(]")]
+    max_fraction: Annotated[float, Range(0, 1)]
 
 
 @dataclass(frozen=True)
@@ -289,6 +310,7 @@ class Params:
     evaluate: EvaluateParams
     merge: MergeParams
     wandb: WandbParams
+    leakage: LeakageParams
 
 
 def cross_checks(p: Params) -> Iterator[str]:

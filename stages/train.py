@@ -2,7 +2,7 @@
 
     finetune train --train data/tokenized/train --eval data/tokenized/eval --base models/base \
         --output models/adapter --metrics metrics/train.json --plots plots/train \
-        --lineage-data data/raw/train.jsonl --lineage-data data/raw/eval.jsonl
+        --lineage-data data/raw/train.jsonl --lineage-rows data/mixed/train.jsonl
     (dvc.yaml stage `train`; params: seed, model.quantize/dtype/attn_implementation, lora, and the train
     keys that change the adapter; wandb and train's logging/checkpointing keys are read but not listed)
 
@@ -302,7 +302,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 
 
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
-        checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
+        checkpoints: Path, lineage_data: list[Path], params: Params, lineage_rows: Path | None = None) -> dict:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer import TRAINING_ARGS_NAME
@@ -328,7 +328,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     trainable, _ = model.get_nb_trainable_parameters()
 
     record = lineage.build(params, base_meta, lineage_data, ids, quantized,
-                           str(compute_dtype(params.model)).removeprefix("torch."))
+                           str(compute_dtype(params.model)).removeprefix("torch."),
+                           lineage.row_sources(lineage_rows) if lineage_rows else None)
     run_id = fingerprint(params, train_data, base_meta)
     run_dir = checkpoints / run_id
     sync = CheckpointSync(t.checkpoint_sync, run_id, max(t.save_total_limit, 1)) if t.checkpoint_sync else None
@@ -436,7 +437,8 @@ def _finish_wandb(params: Params) -> None:
             wandb.finish()
 
 
-def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
+def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path,
+         lineage_rows=None) -> None:
     if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
         die_with_parent(os.getppid())
     params = load_params(params_path)
@@ -446,4 +448,4 @@ def main(train_data, eval_data, base, output, metrics, plots, checkpoints, linea
             CheckpointSync(params.train.checkpoint_sync, run_id, 1).fetch_latest(checkpoints / run_id)
     if relaunch_under_accelerate(params.train.accelerate_config):
         return
-    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params)
+    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params, lineage_rows)

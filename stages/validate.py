@@ -12,10 +12,14 @@ Inputs: one JSON object a line, UTF-8 (a BOM and CRLF endings are accepted), in 
           (ShareGPT, with its common variants: `from` user/assistant, and `role`/`content` turns; the
           roles axolotl's sharegpt loader maps by default, SHAREGPT_ROLES; a `system` field, unless blank,
           becomes the first turn), written as a chat row
-after renaming fields by `data.field_map`. Extra fields are ignored. The input may be a pipe
-(`--input /dev/stdin`, `<(...)`, a FIFO): it is read once into the stage's temporary folder first.
-Outputs: clean rows `{"id", "messages"}` (id = content hash of the normalised messages); rejects
-`{"line", "reason", "detail", "raw"}`; a report of counts. Invariant: kept + rejected + blank = lines read.
+after renaming fields by `data.field_map`. Extra fields are ignored. The input is a file or a folder
+of `*.jsonl` files, the split's sources, read in name order (another file there is refused, hidden
+ones are not data); a file may be a pipe (`--input /dev/stdin`, `<(...)`, a FIFO): it is read once
+into the stage's temporary folder first.
+Outputs: clean rows `{"id", "messages", "source", "line"}` (id = content hash of the normalised
+messages; source = the file's name, line = 1-based in it); rejects `{"source", "line", "reason", "detail", "raw"}`, line = 1-based in
+that file; a report of counts, for the split and per source under `sources`. Invariant, for each
+source and in all: kept + rejected + blank = lines read. A row seen in an earlier source is a duplicate.
 An input with no row kept (empty, all blank or all rejected) fails here, after writing the rejects.
 
 Every row has a fate, the one TRL or axolotl would give it, or their crash made a stated reject (each
@@ -168,7 +172,13 @@ class Counts:
     kept: int = 0
     rejected: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)  # of kept rows, by NOTES
-    first_reject: str = ""  # "line N: reason: detail" of the first one, for the no-usable-row error
+    first_reject: str = ""  # "SOURCE line N: reason: detail" of the first one, for the no-usable-row error
+
+    def add(self, other: "Counts") -> None:
+        self.lines, self.blank, self.kept = self.lines + other.lines, self.blank + other.blank, self.kept + other.kept
+        self.rejected.update(other.rejected)
+        self.notes.update(other.notes)
+        self.first_reject = self.first_reject or other.first_reject
 
     def report(self) -> dict:
         rejected = sum(self.rejected.values())
@@ -470,9 +480,11 @@ class Checked:
     notes: list[tuple[int, str]] = field(default_factory=list)  # (index among the rows that passed, note)
 
 
-def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_start: bool = True) -> Checked:
+def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_start: bool = True,
+                tag: bytes = b"") -> Checked:
     """Every line of a block checked on its own (duplicates are settled later, across blocks). Pure:
-    runs in a worker process for large files. `file_start`: the block begins the file (may hold a BOM)."""
+    runs in a worker process for large files. `file_start`: the block begins the file (may hold a BOM);
+    `tag`: bytes put after the messages of each clean line (`,"source":"NAME"`)."""
     lines = block_lines(block)
     offset = 0  # of the next line in the block
     if file_start and lines and lines[0].startswith(_BOM):
@@ -503,6 +515,7 @@ def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_sta
             clean += hexlify(key)
             clean += b'","messages":'
             clean += body
+            clean += tag
             clean += b"}\n"
             ends.append(len(clean))
             where.append(n)
@@ -512,30 +525,33 @@ def check_block(block: bytes, data: DataParams, limits: ValidateParams, file_sta
     return out
 
 
-def reject_line(n: int, reason: str, detail: str, raw: bytes) -> bytes:
+def reject_line(source: str, n: int, reason: str, detail: str, raw: bytes) -> bytes:
     text = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-    return dumps({"line": n, "reason": reason, "detail": detail, "raw": text})
+    return dumps({"source": source, "line": n, "reason": reason, "detail": detail, "raw": text})
 
 
 def settle(checked: Checked, first_line: int, clean: bytes, seen: SeenKeys,
-           raw_between: Callable[[int, int | None], bytes], counts: Counts) -> tuple[list, bytes]:
+           raw_between: Callable[[int, int | None], bytes], counts: Counts, source: str = "") -> tuple[list, bytes]:
     """A checked block's (clean lines, as pieces to write in order; rejects lines) once its duplicates
     are known; updates `counts`. Blocks come in input order, the first at line `first_line`: the first
     occurrence of a row is kept, later ones are rejected. `raw_between(start, end)`: bytes of the block,
-    for the reject of a duplicate."""
+    for the reject of a duplicate; `source`: the file's name, written in each reject."""
     counts.lines += checked.lines
     counts.blank += checked.blank
     fresh = seen.first_seen(np.frombuffer(bytes(checked.keys), dtype="<u8"))  # as int.from_bytes(.., "little")
     rejects = checked.rejects
-    pieces, start = [], 0
     dups = np.flatnonzero(~fresh).tolist()  # a few a block: ~0.15% of rows
-    for i in dups:  # cut the duplicates out of `clean`, keeping the stretches between them
-        pieces.append(memoryview(clean)[start:checked.ends[i - 1] if i else 0])
-        start = checked.ends[i]
+    for i in dups:
         raw = raw_between(checked.starts[i], checked.starts[i + 1] if i + 1 < len(checked.starts) else None)
         rejects.append((checked.where[i], "duplicate", "same text as an earlier row after normalisation",
                         raw.split(b"\n", 1)[0]))
-    pieces.append(memoryview(clean)[start:])
+    # each kept line, its closing `}\n` replaced by its line number in the file (known only now) and `}\n`
+    pieces, start, view, keep = [], 0, memoryview(clean), fresh.tolist()
+    for end, n, kept in zip(checked.ends, checked.where, keep):
+        if kept:
+            pieces.append(view[start:end - 2])
+            pieces.append(b',"line":%d}\n' % (first_line + n - 1))
+        start = end
     if dups:
         rejects.sort(key=lambda r: r[0])
     counts.kept += len(fresh) - len(dups)
@@ -543,14 +559,15 @@ def settle(checked: Checked, first_line: int, clean: bytes, seen: SeenKeys,
     counts.notes.update(note for i, note in checked.notes if fresh[i])
     if rejects and not counts.first_reject:
         n, reason, detail, _ = rejects[0]
-        counts.first_reject = f"line {first_line + n - 1}: {reason}: {detail[:200]}".replace("\n", " ")
-    return pieces, b"".join(reject_line(first_line + n - 1, reason, detail, raw) for n, reason, detail, raw in rejects)
+        counts.first_reject = f"{source} line {first_line + n - 1}: {reason}: {detail[:200]}".replace("\n", " ")
+    return pieces, b"".join(reject_line(source, first_line + n - 1, reason, detail, raw) for n, reason, detail, raw in rejects)
 
 
-def check_part(input: str, offset: int, size: int, data: DataParams, limits: ValidateParams, part: str) -> Checked:
+def check_part(input: str, offset: int, size: int, data: DataParams, limits: ValidateParams, part: str,
+               tag: bytes = b"") -> Checked:
     """One task, in a worker process for large files: read a block of the input, check it, write its
     clean lines to the file `part`. Files, not pipes, carry the blocks: a pipe costs the parent ~2 us a row."""
-    checked = check_block(read_span(input, offset, size), data, limits, file_start=offset == 0)
+    checked = check_block(read_span(input, offset, size), data, limits, file_start=offset == 0, tag=tag)
     with open(part, "wb") as f:
         f.write(checked.clean)
     checked.clean = bytearray()
@@ -564,43 +581,80 @@ def block_bytes(source: BinaryIO, offset: int, size: int, start: int, end: int |
     return source.read((end or size) - start)
 
 
+def sources(input: Path) -> list[tuple[str, Path]]:
+    """(source name, path) of each input file: a folder's `*.jsonl` files by name (the split's sources),
+    or the one file (a pipe too) named by its file name. Anything else in a folder is refused rather
+    than skipped, so no line is left out unseen; hidden files (.gitignore...) are not data."""
+    if not input.is_dir():
+        if not input.exists():
+            raise StageError(f"{input}: no such file or folder (point --input at a JSONL file, or a folder of them)")
+        return [(input.name, input)]
+    files = sorted(p for p in input.iterdir() if not p.name.startswith("."))
+    other = [p for p in files if not (p.is_file() and p.suffix == ".jsonl")]
+    if other:
+        raise StageError(f"{other[0]}: not a .jsonl file, in the source folder {input} (every file there is a "
+                         "source of the split): move it out, or rename it *.jsonl if it is one")
+    if not files:
+        raise StageError(f"{input}: a source folder with no .jsonl file in it (put the split's JSONL files there)")
+    return [(p.name, p) for p in files]
+
+
 def run(input: Path, output: Path, rejects: Path, report: Path | None, data: DataParams,
         limits: ValidateParams) -> dict:
-    if not input.exists():
-        raise StageError(f"{input}: no such file (point --input at a JSONL file of rows)")
-    counts, seen, first_line = Counts(), SeenKeys(), 1
+    """`input`: a JSONL file or a folder of them (`sources`). Each clean row carries its source's name
+    and its line there (`source`, `line`), each reject its source and its line too; the report has the
+    counts of the whole split and, under `sources`, of each file. A row found again in a later source
+    is a duplicate there."""
+    inputs = sources(input)
+    counts, seen, by_source = Counts(), SeenKeys(), {}
     with staged(output, rejects, report) as (tmp, rejects_tmp, report_tmp), \
-            open(tmp, "wb", buffering=1 << 20) as good, open(rejects_tmp, "wb", buffering=1 << 20) as bad, \
-            open(path := as_file(input, tmp.parent), "rb") as source:  # a pipe is read into tmp.parent first
-        workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
-        tasks = ((str(path), offset, size, data, limits, str(tmp.parent / f"part-{offset}"))
-                 for offset, size in block_spans(path))
-        for (_, offset, size, *_, part), checked in map_ordered(check_part, tasks, workers):
-            with open(part, "rb") as f:
-                clean = f.read()
-            os.unlink(part)
-            raw_between = functools.partial(block_bytes, source, offset, size)
-            pieces, rejected = settle(checked, first_line, clean, seen, raw_between, counts)
-            good.writelines(pieces)
-            bad.write(rejected)
-            first_line += checked.lines
+            open(tmp, "wb", buffering=1 << 20) as good, open(rejects_tmp, "wb", buffering=1 << 20) as bad:
+        for name, file in inputs:
+            by_source[name] = check_source(name, file, tmp.parent, data, limits, seen, good, bad)
+            counts.add(by_source[name])
         summary = counts.report()
+        summary["sources"] = {name: c.report() for name, c in by_source.items()}
         if report:
             write_json(report_tmp, summary)
     assert summary["kept"] + summary["rejected"] + summary["blank"] == summary["lines"]
     by_reason = ", ".join(f"{r}={c}" for r, c in counts.rejected.most_common()) or "none"
     noted = "".join(f" ({c} {NOTES[n]})" for n, c in counts.notes.items())
+    each = "" if len(inputs) == 1 else " [" + "; ".join(
+        f"{n}: kept {c.kept}, rejected {sum(c.rejected.values())}" for n, c in by_source.items()) + "]"
     print(f"validate {input}: {summary['lines']} lines, kept {summary['kept']}{noted}, blank {summary['blank']}, "
-          f"rejected {summary['rejected']} ({by_reason})", file=sys.stderr)
+          f"rejected {summary['rejected']} ({by_reason}){each}", file=sys.stderr)
     if not summary["kept"]:
         first = f"; first: {counts.first_reject}" if counts.first_reject else ""
         raise StageError(f"{input}: no usable row ({summary['lines']} lines: {summary['blank']} blank, "
                          f"{summary['rejected']} rejected: {by_reason}{first}); see {rejects}, "
                          "fix the data or point --input at another file")
     if summary["reject_fraction"] > limits.max_reject_fraction:
+        worst = max(by_source, key=lambda n: sum(by_source[n].rejected.values()))
+        most = "" if len(inputs) == 1 else f"; most in {worst} ({sum(by_source[worst].rejected.values())})"
         raise StageError(
             f"{input}: {summary['rejected']} of {summary['lines'] - summary['blank']} rows rejected "
-            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction={limits.max_reject_fraction}); "
+            f"({summary['reject_fraction']:.1%} > validate.max_reject_fraction={limits.max_reject_fraction}{most}); "
             f"see {rejects} for each line and reason, fix the data or raise the limit in params.yaml"
         )
     return summary
+
+
+def check_source(name: str, input: Path, scratch: Path, data: DataParams, limits: ValidateParams,
+                 seen: SeenKeys, good: BinaryIO, bad: BinaryIO) -> Counts:
+    """One source file through the blocks (see the module docstring), its clean lines appended to `good`
+    tagged with `name` and their line, its rejects to `bad` with `name` and the line in this file; its counts."""
+    counts, first_line, tag = Counts(), 1, b',"source":' + orjson.dumps(name)
+    with open(path := as_file(input, scratch), "rb") as source:  # a pipe is read into the scratch folder first
+        workers = cpu_count() if path.stat().st_size >= PARALLEL_MIN_BYTES else 1
+        tasks = ((str(path), offset, size, data, limits, str(scratch / f"part-{offset}"), tag)
+                 for offset, size in block_spans(path))
+        for (_, offset, size, *_, part, _), checked in map_ordered(check_part, tasks, workers):
+            with open(part, "rb") as f:
+                clean = f.read()
+            os.unlink(part)
+            raw_between = functools.partial(block_bytes, source, offset, size)
+            pieces, rejected = settle(checked, first_line, clean, seen, raw_between, counts, name)
+            good.writelines(pieces)
+            bad.write(rejected)
+            first_line += checked.lines
+    return counts

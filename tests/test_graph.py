@@ -35,7 +35,8 @@ def stage_outputs() -> set[str]:
         for kind in ("outs", "metrics", "plots"):
             for entry in body.get(kind, []):
                 path = next(iter(entry)) if isinstance(entry, dict) else entry
-                out |= {path.replace("${item}", str(item)) for item in stage.get("foreach", [None])}
+                out |= {path.replace("${item}", str(item)).replace("${key}", str(item))
+                        for item in stage.get("foreach", [None])}
     return out
 
 
@@ -130,7 +131,7 @@ def test_every_stage_lists_the_project_files_its_code_imports_or_reads():
         listed = {d for d in stage["deps"] if d in tracked and not d.startswith("data/")}
         assert listed == derived_code_deps(cmd[1]), name
         checked.append(name)
-    assert len(checked) == 7
+    assert len(checked) == 8
 
 
 def test_the_derivation_sees_shared_modules_and_configs():
@@ -148,7 +149,7 @@ EVAL = ("evaluate",)
 TRAIN = ("train",)
 NOTHING = ()
 STALE = {
-    "seed": ("train", "evaluate"),  # data order, LoRA init, dropout; evaluate seeds torch
+    "seed": ("mix", "train", "evaluate"),  # the weights' draw; data order, LoRA init, dropout; evaluate seeds torch
     "model.source": ("import_base",),
     "model.revision": ("import_base",),
     "model.quantize": TRAIN,  # evaluate and merge load the base as the adapter's lineage.json says
@@ -157,6 +158,9 @@ STALE = {
     "model.copy_hub_weights": ("import_base",),  # what models/base holds
     "data.format": ("validate",),
     "data.field_map": ("validate",),
+    "data.train": ("validate", "train"),  # where the split's sources are; train records them in lineage
+    "data.eval": ("validate",),
+    "data.weights": ("mix",),
     "template.name": ("format",),
     "template.system_prompt": ("format",),
     "template.train_on": ("format",),
@@ -200,6 +204,9 @@ STALE = {
     "wandb.mode": NOTHING,  # tracking
     "wandb.project": NOTHING,
     "wandb.entity": NOTHING,
+    "leakage.action": ("mix",),
+    "leakage.threshold": ("mix",),
+    "leakage.max_fraction": ("mix",),  # whether the stage passes, with action=fail
 }
 
 

@@ -180,6 +180,10 @@ OUT_OF_DOMAIN = [
     ("merge.parity_tolerance", 0), ("merge.parity_tolerance", -0.5),
     ("wandb.mode", "on"), ("wandb.project", "team/finetune"), ("wandb.project", ""), ("wandb.project", "x" * 129),
     ("wandb.entity", ""),
+    ("data.train", ""), ("data.train", "/abs/train.jsonl"), ("data.eval", "../outside.jsonl"),
+    ("data.weights", {"a.jsonl": 0}), ("data.weights", {"a.jsonl": -1.0}), ("data.weights", {"a.jsonl": "2"}),
+    ("data.weights", {"a.jsonl": True}), ("leakage.action", "warn"), ("leakage.threshold", 0.0),
+    ("leakage.threshold", 1.5), ("leakage.max_fraction", -0.1),
 ]
 
 
@@ -228,7 +232,7 @@ THROUGH_CLI = [("evaluate.batch_size", -1), ("train.epochs", 0), ("lora.alpha", 
                ("lora.r", 0), ("train.gradient_accumulation_steps", 0), ("train.lr_scheduler", "cosinus"),
                ("train.optimizer", "adamw"), ("seed", -1), ("model.source", ""), ("data.field_map", {"q": "question"}),
                ("template.name", "llama"), ("validate.max_reject_fraction", 1.5), ("tokenize.max_length", 1),
-               ("wandb.mode", "on")]
+               ("wandb.mode", "on"), ("leakage.action", "warn")]
 
 
 def test_the_cli_cases_cover_every_section():
@@ -317,6 +321,8 @@ def test_every_allowed_enum_value_is_accepted(key, value):
     ("evaluate.max_generate_rows", 0), ("data.field_map", {"question": "input", "answer": "output"}),
     ("data.field_map", {"dialog": "messages"}), ("template.system_prompt", "Be brief."),
     ("wandb.entity", "my-team"), ("wandb.project", "journal-finetune"),
+    ("data.train", "data/raw/train"), ("data.weights", {"support.jsonl": 2.0, "docs.jsonl": 0.5}),
+    ("leakage.action", "drop"), ("leakage.threshold", 1.0),
 ])
 def test_values_at_the_edges_of_their_domain_are_accepted(key, value):
     assert parse_params(changed(key, value)) is not None

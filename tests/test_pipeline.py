@@ -94,7 +94,9 @@ def test_lineage_answers_which_data_made_the_model(project):
     lineage = json.loads((project / "models/merged/lineage.json").read_text())
     lock = YAML(typ="safe").load((project / "dvc.lock").read_text())
     locked = {d["path"]: d["md5"] for d in lock["stages"]["validate@train"]["deps"]}
-    assert lineage["data"] == [{"path": "data/raw/train.jsonl", "md5": locked["data/raw/train.jsonl"]}]
+    trained = json.loads((project / "metrics/tokenize_train.json").read_text())["rows_out"]
+    assert lineage["data"] == [{"path": "data/raw/train.jsonl", "md5": locked["data/raw/train.jsonl"],
+                                "source": "train.jsonl", "rows_trained": trained}]
     assert lineage["rows"]["count"] == json.loads((project / "metrics/tokenize_train.json").read_text())["rows_out"]
     assert lineage["params"]["train"]["max_steps"] == 6 and lineage["git"]["commit"]
     proc = sh("finetune lineage models/merged --verify", project)
@@ -109,7 +111,7 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
         bad = sh("finetune lineage models/merged --verify", project, check=False)
         assert bad.returncode == 1 and "data/raw/train.jsonl" in bad.stderr
         ran = STAGES_RUN.findall(sh("dvc repro", project).stdout)
-        assert ran == ["validate@train", "format@train", "tokenize@train", "train", "evaluate", "merge"]
+        assert ran == ["validate@train", "mix", "format@train", "tokenize@train", "train", "evaluate", "merge"]
         sh("finetune lineage models/merged --verify", project)
     finally:
         restore(project)
