@@ -129,7 +129,7 @@ def test_once_through_the_cli_prints_evaluates_greedy_answer(tmp_path, merged, t
     assert proc.returncode == 0, proc.stderr
     ids = trained_prompt_ids(tmp_path, {"input": question, "output": "x"}, SHIPPED.template, tiny_base)
     model = AutoModelForCausalLM.from_pretrained(merged, dtype="float32").eval()
-    assert proc.stdout == evaluate_answer(model, merged, ids, 12) + "\n"
+    assert proc.stdout.strip() and proc.stdout == evaluate_answer(model, merged, ids, 12) + "\n"
 
 
 def test_reset_clears_the_history_and_exit_ends_the_session(merged):
@@ -163,7 +163,10 @@ def test_an_adapter_chats_in_its_lineage_template_not_todays_params(tmp_path, mo
     ids = trained_prompt_ids(tmp_path, {"input": question, "output": "x"},
                              TemplateParams(name="alpaca", system_prompt="Be brief."), tiny_base)
     model = PeftModel.from_pretrained(load_base_model(tiny_base, SHIPPED.model, inference=True), adapter).eval()
-    assert session.answer(question, max_new_tokens=8) == evaluate_answer(model, tiny_base, ids, 8)
+    shown: list[str] = []
+    answer = session.answer(question, write=shown.append, max_new_tokens=8)
+    assert answer == evaluate_answer(model, tiny_base, ids, 8)
+    assert "".join(shown) == answer and len(shown) > 1, shown  # streamed as it grew
 
 
 def test_errors_are_one_line(tmp_path, tiny_model_dir, tiny_adapter):
