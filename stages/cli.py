@@ -1,4 +1,4 @@
-"""`finetune`: one subcommand per pipeline stage (dvc.yaml calls these), plus `lineage`.
+"""`finetune`: one subcommand per pipeline stage (dvc.yaml calls these), plus `lineage` and `chat`.
 
 The only module that knows Typer. Stage modules are imported inside each command, so
 `finetune validate` starts without loading torch. Each command declares what it reads and what it
@@ -24,7 +24,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, mix, format, tokenize, "
-                       "import-base, train, evaluate, merge; audit with `lineage`.")
+                       "import-base, train, evaluate, merge, export, report; audit with `lineage`, talk to the model "
+                       "with `chat`, estimate a run with `plan`.")
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
 
@@ -209,11 +210,12 @@ def merge(
 
 @app.command()
 def lineage(
-    model_dir: Path = typer.Argument(..., help="models/adapter or models/merged"),
+    model_dir: Path = typer.Argument(..., help="models/adapter, models/merged or an exported .gguf file"),
     verify: bool = typer.Option(False, "--verify", help="check data, base and dvc.lock on disk; exit 1 on mismatch"),
-    lock: Path = typer.Option(Path("dvc.lock"), help="dvc.lock to compare against"),
+    lock: Path = typer.Option(Path("dvc.lock"), help="dvc.lock of the repo that made the model (its data and "
+                                                      "models/base are found beside it)"),
 ) -> None:
-    """Which base, data, rows, params and commit produced this model."""
+    """Which base, data, rows, params and commit produced this model (a folder or a GGUF file)."""
     from stages import lineage as lin
 
     record = lin.read(model_dir)
@@ -225,6 +227,21 @@ def lineage(
         if problems:
             raise typer.Exit(1)
         typer.echo("verified: data, base and dvc.lock match this model's lineage")
+
+
+@app.command()
+def chat(
+    model: Path = typer.Argument(..., help="models/merged, or models/adapter (with --base)"),
+    base: Path = typer.Option(Path("models/base"), help="the base an adapter was trained on (not read for a merged "
+                                                        "model)"),
+    once: Optional[str] = typer.Option(None, "--once", help="answer this one question, print it and exit"),
+    max_new_tokens: int = typer.Option(256, min=1, help="the longest answer, in tokens"),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy (as evaluate); above 0 samples"),
+) -> None:
+    """Talk to the tuned model in the template it was trained with (from its lineage); streams answers."""
+    from stages import chat as command
+
+    command.run(model, base, once, max_new_tokens, temperature)
 
 
 def main() -> None:

@@ -15,7 +15,11 @@
 No timestamp: an identical retrain must give the same bytes, so DVC skips what depends on the adapter
 (the time a run finished is `created` in metrics/train.json). `finetune lineage DIR --verify` recomputes
 the data and base hashes on disk and compares them, and the data hashes to dvc.lock; any mismatch is
-named and the command exits 1.
+named and the command exits 1. The paths in the record are relative to the repo root, the folder of
+that dvc.lock (`--lock`), so a model far from the repo is verified against it from anywhere.
+
+A GGUF file (export) carries the same record in its metadata (`gguf_metadata`: the JSON under
+`finetune.lineage`, and a one-line `finetune.summary`); `read` takes a .gguf file as well as a folder.
 """
 
 from __future__ import annotations
@@ -150,12 +154,50 @@ def require_base(record: dict, base: Path, adapter: Path) -> None:
                          "(`dvc repro train`)")
 
 
-def read(model_dir: Path) -> dict:
-    path = model_dir / "lineage.json"
-    if not path.exists():
-        raise StageError(f"{path}: no lineage record (models/adapter and models/merged carry one; "
+GGUF_KEY = "finetune.lineage"
+
+
+def params_sha256(record: dict) -> str:
+    """The sha256 of the params the model was trained with (key order does not count)."""
+    return hashlib.sha256(orjson.dumps(record["params"], option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def gguf_metadata(record: dict) -> dict[str, str]:
+    """The string key/values an exported GGUF carries: the whole record as JSON, and a one-line summary."""
+    b, r, g = record["base"], record["rows"], record["git"]
+    summary = (f"fine-tuned from {b['source']} (sha256 {b['sha256'][:16]}) on {r['count']} rows "
+               f"(ids sha256 {r['ids_sha256'][:16]}) of " + ", ".join(f"{d['path']} md5 {d['md5']}" for d in record["data"])
+               + f"; params sha256 {params_sha256(record)[:16]}; code commit {g['commit'] or '-'}"
+               + (" (uncommitted changes)" if g["dirty"] else ""))
+    return {GGUF_KEY: orjson.dumps(record, option=orjson.OPT_SORT_KEYS).decode(), "finetune.summary": summary}
+
+
+def read_gguf(path: Path) -> dict:
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).fields.get(GGUF_KEY)
+    except (ValueError, IndexError) as e:  # bad magic or version, a file cut short
+        raise StageError(f"{path}: not a readable GGUF file ({e})") from None
+    if field is None:
+        raise StageError(f"{path}: this GGUF file has no {GGUF_KEY} metadata (it was not written by "
+                         "`finetune export`); its lineage is unknown")
+    return orjson.loads(field.contents())
+
+
+def read(path: Path) -> dict:
+    """The lineage record of a model folder (its lineage.json) or of an exported .gguf file."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return read_gguf(path)
+        raise StageError(f"{path}: not a model folder or a GGUF file; pass models/adapter, models/merged or "
+                         "a .gguf file made by `finetune export`")
+    lineage_path = path / "lineage.json"
+    if not lineage_path.exists():
+        raise StageError(f"{lineage_path}: no lineage record (models/adapter and models/merged carry one; "
                          "was this directory made by `finetune train`/`merge`?)")
-    return orjson.loads(path.read_bytes())
+    return orjson.loads(lineage_path.read_bytes())
 
 
 def describe(record: dict) -> str:
@@ -168,7 +210,7 @@ def describe(record: dict) -> str:
         f"rows      {r['count']} trained rows, ids sha256 {r['ids_sha256'][:16]}",
         f"code      commit {g['commit'] or '(not a git repo)'}" + ("  (uncommitted changes)" if g["dirty"] else ""),
         f"exp       {record.get('dvc_experiment') or '(plain dvc repro / direct run)'}",
-        "params    " + ", ".join(f"{k}={v}" for k, v in flat(record["params"]).items()
+        f"params    sha256 {params_sha256(record)[:16]}  " + ", ".join(f"{k}={v}" for k, v in flat(record["params"]).items()
                                  if k.split(".")[0] in ("seed", "lora", "train") or k == "model.source"),
         "versions  " + ", ".join(f"{k} {v}" for k, v in record["versions"].items() if v),
     ]
@@ -201,11 +243,17 @@ def lock_md5s(lock: Path) -> dict[str, str]:
     return out
 
 
-def verify(record: dict, lock: Path, base_dir: Path = Path("models/base")) -> list[str]:
+def verify(record: dict, lock: Path, base_dir: Path | None = None) -> list[str]:
+    """What differs between the record and the repo of `lock` (its data, its models/base, the lock)."""
+    if not lock.is_file():
+        raise StageError(f"{lock}: missing; --verify compares the lineage with the repo that made the model: "
+                         "run it in that repo's root or pass --lock REPO/dvc.lock")
+    root = lock.parent
+    base_dir = root / "models/base" if base_dir is None else base_dir
     problems = []
-    locked = lock_md5s(lock) if lock.exists() else {}
+    locked = lock_md5s(lock)
     for d in record["data"]:
-        path = Path(d["path"])
+        path = root / d["path"]
         if not path.exists():
             problems.append(f"{path}: missing (trained on md5 {d['md5']})")
             continue

@@ -147,3 +147,81 @@ def test_the_recorded_commit_is_the_codes_so_committing_results_keeps_it(tmp_pat
     assert git_state() == {"commit": code, "dirty": False}
     (tmp_path / "stages/train.py").write_text("x = 2\n")
     assert git_state() == {"commit": code, "dirty": True}
+
+
+def write_gguf(path: Path, metadata: dict[str, str]) -> None:
+    """A real GGUF file: one tiny tensor and these string key/values, as the export stage writes them."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(path, "llama")
+    for key, value in metadata.items():
+        writer.add_string(key, value)
+    writer.add_tensor("token_embd.weight", np.arange(8, dtype=np.float32).reshape(2, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture
+def repo_and_record(tmp_path, monkeypatch, tiny_base) -> tuple[Path, dict]:
+    """A repo that ran a real `dvc repro` on data/raw/train.jsonl with the tiny base in models/base, and
+    the lineage record of a model trained there (this worktree's commit)."""
+    from stages import lineage
+    from stages.modeling import read_base_json
+
+    repo = tmp_path / "repo"
+    (repo / "data/raw").mkdir(parents=True)
+    shutil.copy(ROOT / "data/raw/train.jsonl", repo / "data/raw/train.jsonl")
+    shutil.copytree(tiny_base, repo / "models/base")
+    (repo / "dvc.yaml").write_text("stages:\n  copy:\n    cmd: cp data/raw/train.jsonl copy.jsonl\n"
+                                   "    deps: [data/raw/train.jsonl]\n    outs: [copy.jsonl]\n")
+    sh("dvc init -q --no-scm && dvc repro -q", repo)
+    monkeypatch.chdir(ROOT)  # the same data/raw/train.jsonl, and a git commit
+    record = lineage.build(shipped_with({}), read_base_json(tiny_base), [Path("data/raw/train.jsonl")],
+                           ["id-1", "id-2"], quantized=False, dtype="float32")
+    monkeypatch.chdir(tmp_path)
+    return repo, record
+
+
+def test_a_gguf_copied_far_from_the_repo_says_which_data_made_it(repo_and_record, tmp_path):
+    from stages import lineage
+    from stages.jsonl import write_json
+
+    repo, record = repo_and_record
+    metadata = lineage.gguf_metadata(record)
+    assert json.loads(metadata["finetune.lineage"]) == record
+    write_gguf(tmp_path / "model-q4_k_m.gguf", metadata)
+    far = tmp_path / "far"
+    far.mkdir()
+    shutil.copy(tmp_path / "model-q4_k_m.gguf", far / "copy.gguf")
+    assert lineage.read(far / "copy.gguf") == record
+
+    shown = sh("finetune lineage copy.gguf", far).stdout
+    (tmp_path / "merged").mkdir()
+    write_json(tmp_path / "merged/lineage.json", record)  # as train and merge write it
+    assert shown == sh(f"finetune lineage {tmp_path / 'merged'}", far).stdout  # as for the model folder
+    for fact in (record["base"]["sha256"][:16], record["data"][0]["md5"], record["rows"]["ids_sha256"][:16],
+                 lineage.params_sha256(record)[:16], record["git"]["commit"]):
+        assert fact and fact in shown and fact in metadata["finetune.summary"]
+
+    verified = sh(f"finetune lineage copy.gguf --verify --lock {repo / 'dvc.lock'}", far)
+    assert "verified" in verified.stdout
+    missing = sh("finetune lineage copy.gguf --verify", far, check=False)  # no dvc.lock here
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1
+    assert missing.stderr.startswith("error: dvc.lock: missing;") and "--lock" in missing.stderr
+    with open(repo / "data/raw/train.jsonl", "a") as f:
+        f.write('{"input": "one more", "output": "row"}\n')
+    assert lineage.verify(record, repo / "dvc.lock") == [
+        f"{repo}/data/raw/train.jsonl: md5 {lineage.file_md5(repo / 'data/raw/train.jsonl')} on disk, the model "
+        f"was trained on md5 {record['data'][0]['md5']}"]
+
+
+def test_a_gguf_without_lineage_is_one_line(tmp_path):
+    write_gguf(tmp_path / "other.gguf", {"general.name": "someone else's model"})
+    (tmp_path / "notes.txt").write_text("not a model\n")
+    for name, message in [("other.gguf", "has no finetune.lineage metadata"),
+                          ("notes.txt", "not a model folder or a GGUF file")]:
+        proc = sh(f"finetune lineage {name}", tmp_path, check=False)
+        assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
