@@ -65,7 +65,10 @@ def num(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        if abs(value) >= 1e4:
+            return f"{value:,.0f}"
+        short = f"{value:.4g}"
+        return f"{value:.6g}" if float(short) == round(value) != value else short  # 1.0004, not 1
     return esc(value)
 
 
