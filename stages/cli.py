@@ -244,6 +244,42 @@ def chat(
     command.run(model, base, once, max_new_tokens, temperature)
 
 
+@app.command()
+def report(
+    validate: List[Path] = typer.Option([Path("metrics/validate_train.json"), Path("metrics/validate_eval.json")],
+                                        help="validate's report, one per split"),
+    tokenize: List[Path] = typer.Option([Path("metrics/tokenize_train.json"), Path("metrics/tokenize_eval.json")],
+                                        help="tokenize's report, one per split, in the order of --validate"),
+    tokenized: List[Path] = typer.Option([Path("data/tokenized/train"), Path("data/tokenized/eval")],
+                                         help="tokenized split (its `length` column; its name labels the split)"),
+    loss: Path = typer.Option(Path("plots/train/loss.csv")),
+    eval_loss: Path = typer.Option(Path("plots/train/eval_loss.csv")),
+    train_metrics: Path = typer.Option(Path("metrics/train.json")),
+    eval_metrics: Path = typer.Option(Path("metrics/eval.json")),
+    samples: Path = typer.Option(Path("reports/eval_samples.jsonl")),
+    merge_parity: Path = typer.Option(Path("models/merged/parity.json")),
+    lineage: Path = typer.Option(Path("models/merged/lineage.json")),
+    export_parity: Optional[Path] = typer.Option(None, help="the export's parity.json; without it the page says "
+                                                           "'not exported'"),
+    output: Path = typer.Option(Path("reports/run.html")),
+    screenshot: Optional[Path] = typer.Option(None, help="also open the page in headless Chromium and save it "
+                                                        "as this PNG (fails on any console error)"),
+) -> None:
+    """One self-contained HTML page for the run: data, training, base vs tuned, parity, lineage."""
+    from stages.outputs import REPORT, SCREENSHOT, check
+
+    check({"--validate": validate, "--tokenize": tokenize, "--tokenized": tokenized, "--loss": loss,
+           "--eval-loss": eval_loss, "--train-metrics": train_metrics, "--eval-metrics": eval_metrics,
+           "--samples": samples, "--merge-parity": merge_parity, "--lineage": lineage,
+           "--export-parity": export_parity},
+          {"--output": (output, REPORT), "--screenshot": (screenshot, SCREENSHOT)})
+    from stages import report as stage
+
+    seen = stage.run(validate, tokenize, tokenized, loss, eval_loss, train_metrics, eval_metrics, samples,
+                     merge_parity, lineage, export_parity, output, screenshot)
+    typer.echo(f"report: {output}" + (f", screenshot {screenshot} (no console errors)" if seen else ""), err=True)
+
+
 def main() -> None:
     from stages.errors import StageError
     from stages.params import ParamsError

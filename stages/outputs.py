@@ -104,6 +104,19 @@ PLOTS = Kind("plots (a folder of .csv files)", True, only_files(".csv"))
 CHECKPOINTS = Kind("checkpoints (a folder of run folders)", True, lambda path: True)  # written in, kept
 
 
+def starts_with(marker: bytes, within: int) -> Callable[[Path], bool]:
+    """A file whose first `within` bytes hold `marker`."""
+    def test(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return marker in f.read(within)
+    return test
+
+
+REPORT = Kind("a run report (an HTML page written by finetune report)", False,
+              starts_with(b'<meta name="generator" content="finetune report">', 512))
+SCREENSHOT = Kind("a screenshot (a PNG file)", False, starts_with(b"\x89PNG\r\n\x1a\n", 8))
+
+
 # --- the check before a stage starts ----------------------------------------------------------------
 
 def _is_empty(path: Path) -> bool:

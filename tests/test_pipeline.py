@@ -52,7 +52,7 @@ def restore(root: Path) -> None:
 def test_repro_builds_every_output_and_is_a_noop_the_second_time(project):
     for path in ("models/base/base.json", "models/adapter/adapter_config.json", "models/adapter/lineage.json",
                  "models/merged/config.json", "models/merged/parity.json", "models/merged/README.md",
-                 "data/rejects/train.jsonl", "plots/train/loss.csv", "reports/eval_samples.jsonl"):
+                 "data/rejects/train.jsonl", "plots/train/loss.csv", "reports/eval_samples.jsonl", "reports/run.html"):
         assert (project / path).exists(), path
     v = json.loads((project / "metrics/validate_train.json").read_text())
     assert v["kept"] + v["rejected"] + v["blank"] == v["lines"] and v["rejected"] > 0
