@@ -293,6 +293,9 @@ def trainable_model(base: Path, params: Params, quantized: bool):
         what = "train.method=full" if full else f"lora.init={lora.init}"
         raise StageError(f"{what} cannot train on the 4-bit base that model.quantize={params.model.quantize} loads "
                          "here: set model.quantize: none")
+    if under_fsdp() and lora.init.startswith(MUTATES_BASE) and not full:  # peft converts only unsharded state dicts
+        raise StageError(f"lora.init={lora.init} is saved by peft from the whole (unsharded) model, which FSDP "
+                         "does not hold on one rank: set train.accelerate_config: none (one process) or lora.init: default")
     model = load_base_model(base, params.model, quantize=quantized)
     model.config.use_cache = False
     if params.train.gradient_checkpointing:
@@ -415,7 +418,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
-    for config in getattr(model, "peft_config", {}).values():  # all-linear resolves to a set: saved in this process's hash order
+    for config in getattr(model, "peft_config", {}).values():  # all-linear: a set, saved in this process's hash order
         if isinstance(config.target_modules, set):
             config.target_modules = sorted(config.target_modules)
     history = trainer.state.log_history

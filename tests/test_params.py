@@ -218,7 +218,8 @@ def test_batching_keys_that_disagree_are_one_line(changes, message):
     ({"lora.init": "pissa_niter_4", "model.quantize": "4bit"}, r"'lora.init' = 'pissa_niter_4' .* 4-bit"),
     ({"lora.init": "olora", "model.quantize": "4bit"}, r"'lora.init' = 'olora' .* OLoRA re-quantizes"),
     ({"lora.init": "pissa", "lora.use_dora": True}, r"'lora.init' = 'pissa' .* DoRA's magnitudes: set lora.use_dora"),
-    ({"lora.init": "olora", "lora.modules_to_save": ["lm_head"]}, r"modules_to_save's weights: set lora.modules_to_save: \[\]"),
+    ({"lora.init": "olora", "lora.modules_to_save": ["lm_head"]},
+     r"modules_to_save's weights: set lora.modules_to_save: \[\]"),
 ])
 def test_lora_variants_peft_cannot_train_or_save_exactly_are_one_line(changes, message):
     raw = None

@@ -320,17 +320,20 @@ def test_exp_run_lora_variants_and_full_fine_tune_each_produce_what_they_say(pro
 
         assert exp_run("-S train.method=full -S model.quantize=none") == ["train", "evaluate", "merge"]
         assert not (adapter / "adapter_config.json").exists()
-        assert {"config.json", "model.safetensors", "lineage.json", "tokenizer.json"} <= {f.name for f in adapter.iterdir()}
+        assert {"config.json", "model.safetensors", "lineage.json", "tokenizer.json"} <= {f.name for f in
+                                                                                        adapter.iterdir()}
         assert json.loads((adapter / "lineage.json").read_text())["params"]["train"]["method"] == "full"
         train = json.loads((project / "metrics/train.json").read_text())
         assert train["trainable_parameters"] == base.num_parameters()
         full = AutoModelForCausalLM.from_pretrained(adapter)
-        assert not torch.equal(full.model.layers[0].mlp.up_proj.weight.to(base.dtype), base.model.layers[0].mlp.up_proj.weight)
+        up = full.model.layers[0].mlp.up_proj.weight
+        assert not torch.equal(up.to(base.dtype), base.model.layers[0].mlp.up_proj.weight)
         ev = json.loads((project / "metrics/eval.json").read_text())
         assert ev["tuned_loss"] != ev["base_loss"] and ev["rows_generated"] == 4
         parity()
         record = json.loads((merged / "lineage.json").read_text())
-        assert record["merge"]["method"] == "full" and "Full fine-tune of the base" in (merged / "README.md").read_text()
+        assert record["merge"]["method"] == "full"
+        assert "Full fine-tune of the base" in (merged / "README.md").read_text()
         sh("finetune lineage models/merged --verify", project)
     finally:
         restore(project)

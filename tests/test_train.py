@@ -114,7 +114,8 @@ def test_gaussian_init_draws_a_with_std_one_over_r_and_b_zero(tiny_base):
     model = train.trainable_model(tiny_base, shipped(tiny_base, lora={"init": "gaussian", "r": 16}), quantized=False)
     layer = model.base_model.model.model.layers[0].mlp.up_proj
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    assert float(a.detach().std()) == pytest.approx(1 / 16, rel=0.1) and not b.detach().any()  # default: Kaiming-uniform A
+    # default: Kaiming-uniform A
+    assert float(a.detach().std()) == pytest.approx(1 / 16, rel=0.1) and not b.detach().any()
     assert model.peft_config["default"].init_lora_weights == "gaussian"
 
 
