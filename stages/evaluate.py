@@ -14,7 +14,8 @@ lineage.json, not from today's params.yaml), and only on the base it was trained
 The base's figures come from those weights alone; then the adapter is attached to the same weights for
 the tuned loss (unmerged: the arithmetic train used) and folded into them for the tuned answers (the
 16/32-bit weights merge writes and users serve: no LoRA layers to run at each decoding step; 4-bit
-weights keep the adapter unmerged).
+weights keep the adapter unmerged). A full fine-tune (train.method=full: models/adapter is a model
+folder) is compared with the base the same way, the two models loaded one after the other.
 Speed without changing a figure: both passes take rows length-sorted (loss: `evaluate.batch_size` x 256
 padded tokens a batch; generation: `evaluate.batch_size` prompts) and put results back in input order;
 a generation batch ends once every row has produced EOS or a stop string (the cut answer cannot change
@@ -29,7 +30,6 @@ metrics/eval.json has flat keys (base_loss, tuned_loss, ...) so `dvc exp show` a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import string
@@ -246,12 +246,29 @@ def score(preds: list[str], refs: list[str]) -> dict:
     }
 
 
+def models(adapter: Path, base: Path, record: dict):
+    """("base", model) then ("tuned", model): one set of weights, alone then under the adapter; for a full
+    fine-tune (a model folder, no adapter_config.json) the base, then the tuned model, one at a time."""
+    from peft import PeftModel
+
+    from stages.modeling import load_base_model
+
+    trained = lineage.trained_model(record)
+    if not (adapter / "adapter_config.json").exists():
+        for name, weights in (("base", None), ("tuned", adapter)):
+            yield name, load_base_model(base, trained, inference=True, weights=weights).eval()
+        return
+    model = dequantize_for_inference(load_base_model(base, trained, inference=True).eval())
+    yield "base", model  # the weights alone, then with the adapter (unmerged: as train ran it)
+    yield "tuned", PeftModel.from_pretrained(model, adapter).eval()
+
+
 def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics: Path, samples: Path,
         params: Params) -> dict:
     import datasets
     from peft import PeftModel
 
-    from stages.modeling import load_base_model, load_tokenizer
+    from stages.modeling import load_tokenizer
 
     for p in (adapter, tokenized, prompts_path):
         if not p.exists():
@@ -261,7 +278,6 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     torch.manual_seed(params.seed)
     e = params.evaluate
     tokenizer = load_tokenizer(base)
-    model = dequantize_for_inference(load_base_model(base, lineage.trained_model(record), inference=True).eval())
     eval_ds = datasets.load_from_disk(str(tokenized))
     rows = list(read_jsonl(prompts_path))
     if e.max_generate_rows:
@@ -271,17 +287,16 @@ def run(adapter: Path, base: Path, tokenized: Path, prompts_path: Path, metrics:
     refs = [r["completion"].strip() for r in rows]
 
     results, answers, timings = {}, {}, {}
-    for name in ("base", "tuned"):
-        if name == "tuned":  # the adapter on the same weights, unmerged for the loss: the arithmetic train used
-            model = PeftModel.from_pretrained(model, adapter).eval()
+    for name, model in models(adapter, base, record):
         t0 = time.perf_counter()
         loss = completion_loss(model, eval_ds, e.batch_size, tokenizer.pad_token_id)
-        if name == "tuned" and getattr(model.get_base_model(), "hf_quantizer", None) is None:
+        if isinstance(model, PeftModel) and getattr(model.get_base_model(), "hf_quantizer", None) is None:
             model = model.merge_and_unload()  # folded into the 16/32-bit weights: no LoRA layers to run per token
         t1 = time.perf_counter()
         answers[name], n_tokens = generate(model, tokenizer, prompts, e.batch_size, e.max_new_tokens,
                                            desc=f"generate {name}")
         t2 = time.perf_counter()
+        del model
         results[f"{name}_loss"] = round(loss, 6)
         results[f"{name}_perplexity"] = round(math.exp(min(loss, 50)), 4)
         results.update({f"{name}_{k}": v for k, v in score(answers[name], refs).items()})

@@ -1,4 +1,5 @@
-"""merge: fold the LoRA adapter into the 16-bit base and save a plain transformers model.
+"""merge: fold the LoRA adapter into the 16-bit base and save a plain transformers model (a full fine-tune:
+save it again, in merge.dtype, with the same parity check, lineage and model card).
 
     finetune merge --adapter models/adapter --base models/base --output models/merged \
         --prompts data/prompts/eval.jsonl
@@ -59,6 +60,8 @@ def base_for_merge(base: Path, adapter: Path, record: dict, into: str):
 def model_card(record: dict, parity: dict) -> str:
     b = record["base"]
     data = "\n".join(f"| `{d['path']}` | `{d['md5']}` |" for d in record["data"])
+    what = ("Full fine-tune of the base" if record["merge"].get("method") == "full" else
+            f"LoRA adapter merged into the base ({record['merge']['into']})")
     return f"""---
 base_model: {b['source']}
 library_name: transformers
@@ -66,7 +69,7 @@ tags: [finetune, lora, qlora, dvc]
 ---
 # Fine-tuned {b['source']}
 
-LoRA adapter merged into the base ({record['merge']['into']}) by the `finetune` DVC pipeline.
+{what} by the `finetune` DVC pipeline.
 
 | what | value |
 |---|---|
@@ -89,11 +92,16 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from stages.modeling import DTYPES, load_tokenizer, read_base_json
+    from stages.modeling import DTYPES, load_base_model, load_tokenizer, read_base_json
 
-    if not (adapter / "adapter_config.json").exists():
-        raise StageError(f"{adapter}: no adapter_config.json (run `finetune train` or `dvc repro train`)")
+    full = not (adapter / "adapter_config.json").exists()
+    if full and not (adapter / "config.json").exists():
+        raise StageError(f"{adapter}: neither adapter_config.json (an adapter) nor config.json (a full fine-tune) "
+                         "(run `finetune train` or `dvc repro train`)")
     m = params.merge
+    if full and m.into != "base":
+        raise StageError(f"merge.into={m.into}: {adapter} is a full fine-tune (train.method=full), with no adapter "
+                         "and no NF4 weights; set merge.into: base")
     record = lineage.read(adapter)
     lineage.require_base(record, base, adapter)
     tokenizer = load_tokenizer(base)
@@ -103,15 +111,20 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
     ids_tokenizer, eos_id = tokens.load_tokenizer(base)  # the training rows' ids: data text stays text
     prompts = tokens.prompt_ids(rows, ids_tokenizer, tokens.layout(ids_tokenizer), eos_id, completion=True)
 
-    peft_model = PeftModel.from_pretrained(base_for_merge(base, adapter, record, m.into), adapter).eval()
-    reference = logits_for(peft_model, prompts)
-    merged = peft_model.merge_and_unload()
+    if full:  # the trained model itself, saved again in merge.dtype: a copy when the dtypes agree
+        merged = load_base_model(base, lineage.trained_model(record), quantize=False, dtype=torch.float32,
+                                 inference=True, weights=adapter).eval()
+        reference = logits_for(merged, prompts)
+    else:
+        merged = PeftModel.from_pretrained(base_for_merge(base, adapter, record, m.into), adapter).eval()
+        reference = logits_for(merged, prompts)
+        merged = merged.merge_and_unload()
     storage = read_base_json(base).get("dtype") or str(merged.config.dtype or "bfloat16").replace("torch.", "")
     dtype = DTYPES.get(storage, torch.bfloat16) if m.dtype == "auto" else DTYPES[m.dtype]
     with atomic_path(output) as tmp:
         merged.to(dtype).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        del merged, peft_model
+        del merged
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None
@@ -124,8 +137,8 @@ def run(adapter: Path, base: Path, output: Path, prompts_path: Path, params: Par
             "prompts": len(prompts), "tokens": int(reference.shape[0]),
             "saved_dtype": str(dtype).replace("torch.", ""), "tolerance": m.parity_tolerance,
         }
-        record["merge"] = {"into": m.into, "parity_max_abs_diff": parity["max_abs_diff"],
-                           "saved_dtype": parity["saved_dtype"]}
+        record["merge"] = {"into": m.into, "method": "full" if full else "lora",
+                           "parity_max_abs_diff": parity["max_abs_diff"], "saved_dtype": parity["saved_dtype"]}
         write_json(tmp / "parity.json", parity)
         write_json(tmp / "lineage.json", record)
         (tmp / "README.md").write_text(model_card(record, parity))

@@ -145,13 +145,14 @@ def load_tokenizer(base: Path):
 
 
 def load_base_model(base: Path, params: ModelParams, quantize: bool | None = None, dtype: torch.dtype | None = None,
-                    inference: bool = False):
-    """The base model for training or evaluation: 4-bit when `quantize`, else in `dtype`. For inference
+                    inference: bool = False, weights: Path | None = None):
+    """The base model for training or evaluation: 4-bit when `quantize`, else in `dtype`; `weights`: a full
+    fine-tune's model folder to load instead of the base's weights, the same way. For inference
     flex_attention and varlen become sdpa: they only pay off on packed training batches (and flex's
     compiled kernel fails to lower under no_grad in torch 2.11, benchmarks/results/fsdp_scaling_*.md)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    where, revision = weights_location(base)
+    where, revision = (str(weights), None) if weights else weights_location(base)
     quantize = use_4bit(params) if quantize is None else quantize
     dtype = dtype or compute_dtype(params)
     kwargs: dict = {"dtype": dtype, "revision": revision}

@@ -148,6 +148,15 @@ def _modules_ok(v: Any) -> bool:
     return _text(v) or (isinstance(v, list) and len(v) > 0 and all(map(_text, v)))
 
 
+MUTATES_BASE = ("pissa", "olora")  # lora.init prefixes that move part of the base weights into the adapter
+
+
+# lora.init: the values of peft 0.21's LoraConfig.init_lora_weights that need no other setting (default =
+# True: A Kaiming-uniform, B zero); eva, corda, loftq and lora_ga need data or configs params.yaml has no key for
+def _init_ok(v: Any) -> bool:
+    return v in ("default", "gaussian", "pissa", "olora") or bool(re.fullmatch(r"pissa_niter_[0-9]+", v))
+
+
 COUNT = Range(1)                            # an integer >= 1
 NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, math.inf, "()")
@@ -161,6 +170,9 @@ WEIGHTS = Check(_weights_ok, "a mapping from a train source's file name to a wei
 SPLIT_PATH = Check(_split_path_ok, "a path inside the project: a JSONL file, or a folder of JSONL files")
 MODULES = Check(_modules_ok, "a module name or regex (all-linear = every linear layer but lm_head), "
                              "or a non-empty list of module names")
+LORA_INIT = Check(_init_ok, "one of default, gaussian, pissa, pissa_niter_N (N subspace iterations, an integer "
+                            ">= 0: fast SVD), olora")
+MODULE_LIST = Check(lambda v: all(map(_text, v)), "a list of module names (e.g. [lm_head] or [embed_tokens]), or []")
 SYNC = Check(lambda v: _text(v) and _sync_ok(v),
              "a local folder, or a URL whose scheme fsspec knows (s3://, gs://, az://, ssh://, hf://, "
              "file://, ...: fsspec.available_protocols())")
@@ -249,6 +261,10 @@ class LoraParams:
     alpha: Annotated[int, COUNT]  # scale alpha / r: 0 would train an adapter with no effect
     dropout: Annotated[float, Range(0, 1, "[)")]
     target_modules: Annotated[Any, MODULES]
+    use_dora: bool
+    use_rslora: bool
+    init: Annotated[str, LORA_INIT]
+    modules_to_save: Annotated[list, MODULE_LIST]
 
 
 @dataclass(frozen=True)
@@ -273,6 +289,7 @@ class TrainParams:
     optimizer: Literal[OPTIMIZERS]
     max_grad_norm: Annotated[float, NON_NEGATIVE]  # 0 = no clipping
     accelerate_config: Annotated[str, LAUNCH]
+    method: Literal["lora", "full"]
 
 
 @dataclass(frozen=True)
@@ -337,6 +354,19 @@ def cross_checks(p: Params) -> Iterator[str]:
     if p.model.attn_implementation == "varlen" and not p.train.packing:
         yield ("'model.attn_implementation' = 'varlen' needs train.packing: true (it attends within packed "
                "rows); use sdpa for padded batches")
+    if p.model.quantize == "4bit" and p.train.method == "full":
+        yield ("'train.method' = 'full' trains every weight, and 4-bit weights cannot be trained: set "
+               "model.quantize: none (or train.method: lora)")
+    mutates = p.train.method == "lora" and p.lora.init.startswith(MUTATES_BASE)
+    if mutates and p.model.quantize == "4bit":
+        yield (f"'lora.init' = {p.lora.init!r} moves part of each base weight into the adapter, which peft cannot do "
+               "exactly on 4-bit weights (PiSSA reads the packed bytes as numbers; OLoRA re-quantizes the rest): "
+               "set model.quantize: none, or lora.init: default")
+    if mutates and (p.lora.use_dora or p.lora.modules_to_save):
+        yield (f"'lora.init' = {p.lora.init!r} is saved as its difference from the initial adapter, which peft "
+               "computes for the LoRA matrices only, losing "
+               + ("DoRA's magnitudes: set lora.use_dora: false" if p.lora.use_dora else
+                  "lora.modules_to_save's weights: set lora.modules_to_save: []") + " or lora.init: default")
     if p.train.lr_scheduler in NEEDS_EVAL and p.train.eval_steps == 0:
         yield (f"'train.lr_scheduler' = {p.train.lr_scheduler!r} steps on the eval loss: it needs "
                f"train.eval_steps >= 1, got train.eval_steps = 0")

@@ -1,4 +1,4 @@
-"""train: LoRA / QLoRA fine-tune of the base model on the tokenized train split.
+"""train: LoRA / QLoRA fine-tune of the base model on the tokenized train split, or a full fine-tune.
 
     finetune train --train data/tokenized/train --eval data/tokenized/eval --base models/base \
         --output models/adapter --metrics metrics/train.json --plots plots/train \
@@ -6,6 +6,10 @@
     (dvc.yaml stage `train`; params: seed, model.quantize/dtype/attn_implementation, lora, and the train
     keys that change the adapter; wandb and train's logging/checkpointing keys are read but not listed)
 
+- What is trained: `train.method: lora` an adapter (DoRA, rsLoRA, the `lora.init` and `lora.modules_to_save`
+  of params.yaml), models/adapter a peft adapter folder; `train.method: full` every weight of the unquantized
+  base, models/adapter then a full model folder (config.json, model.safetensors, tokenizer). lineage.json
+  sits in either; evaluate and merge tell them apart by adapter_config.json.
 - Hardware (stages/modeling.py): 4-bit NF4 + double quant + bf16 compute on CUDA, float32 on CPU.
   With several GPUs and no launcher around it, the command re-runs itself under
   `accelerate launch --config_file configs/fsdp.yaml` (FSDP2 shards the 4-bit weights); rank 0 alone
@@ -30,6 +34,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,7 +47,7 @@ from stages.errors import StageError
 from stages.jsonl import die_with_parent, file_md5, write_json
 from stages.modeling import read_base_json, under_fsdp
 from stages.outputs import staged
-from stages.params import Params, as_dict, load_params
+from stages.params import MUTATES_BASE, Params, as_dict, load_params
 
 log = logging.getLogger("finetune")
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -274,29 +279,55 @@ def checkpoint_some_layers(model, fraction: float) -> list[bool]:
 
 
 def trainable_model(base: Path, params: Params, quantized: bool):
-    """The base model (4-bit when `quantized`) with LoRA adapters, ready for the Trainer."""
+    """The base model (4-bit when `quantized`) with LoRA adapters, ready for the Trainer; with
+    train.method=full, the base itself with every weight trainable (refused on 4-bit weights).
+    lora.init pissa/olora move the base's principal part into the adapter: the adapter as initialised is
+    kept (model.initial_adapter) so the one saved at the end is its difference, a LoRA on the unmodified base."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
     from stages.modeling import load_base_model
 
+    lora, full = params.lora, params.train.method == "full"
+    if quantized and (full or lora.init.startswith(MUTATES_BASE)):  # model.quantize=auto on CUDA (4bit: params)
+        what = "train.method=full" if full else f"lora.init={lora.init}"
+        raise StageError(f"{what} cannot train on the 4-bit base that model.quantize={params.model.quantize} loads "
+                         "here: set model.quantize: none")
+    if under_fsdp() and lora.init.startswith(MUTATES_BASE) and not full:  # peft converts only unsharded state dicts
+        raise StageError(f"lora.init={lora.init} is saved by peft from the whole (unsharded) model, which FSDP "
+                         "does not hold on one rank: set train.accelerate_config: none (one process) or lora.init: default")
     model = load_base_model(base, params.model, quantize=quantized)
     model.config.use_cache = False
     if params.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         checkpoint_some_layers(model, params.train.checkpoint_fraction)
-    target = params.lora.target_modules
     set_seed(params.seed)  # the LoRA A matrices are drawn here: the same seed gives the same adapter
+    if full:
+        log.info("full fine-tune: %s trainable parameters", f"{model.num_parameters():,}")
+        return model
+    target = lora.target_modules
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     model = get_peft_model(model, LoraConfig(
-        r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
-        target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM"))
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=target if isinstance(target, (list, str)) else list(target), task_type="CAUSAL_LM",
+        use_dora=lora.use_dora, use_rslora=lora.use_rslora,
+        init_lora_weights=True if lora.init == "default" else lora.init,
+        modules_to_save=list(lora.modules_to_save) or None,
+        # lm_head and embed_tokens are one matrix in a tied model: training one as a module trains both, and
+        # the merged model stays tied (without this peft unties them, the merged model a vocabulary x hidden larger)
+        ensure_weight_tying=tied and bool(lora.modules_to_save)))
     # With lm_head (or embed_tokens) among the targets, peft's default ("auto") also saves the whole frozen
     # embedding and output layers in every checkpoint and the adapter: ~0.5 GB at 7B, the same bytes as the
-    # base's. The Trainer calls save_pretrained without the option, so it is fixed here.
+    # base's. The Trainer calls save_pretrained without the option, so it is fixed here. (Modules in
+    # lora.modules_to_save are saved either way: they are trained.)
     model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    if lora.init.startswith(MUTATES_BASE):
+        model.initial_adapter = tempfile.TemporaryDirectory(prefix="finetune-initial-")  # removed with the model
+        model.peft_config["default"].init_lora_weights = True  # how peft reloads it to subtract it: as it is
+        model.save_pretrained(Path(model.initial_adapter.name) / "initial")
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", params.lora.r, f"{trainable:,}", f"{total:,}",
+    log.info("LoRA r=%d: %s trainable of %s parameters (%.2f%%)", lora.r, f"{trainable:,}", f"{total:,}",
              100 * trainable / total)
     return model
 
@@ -325,7 +356,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     quantized = use_4bit(params.model)
     tokenizer = load_tokenizer(base)
     model = trainable_model(base, params, quantized)
-    trainable, _ = model.get_nb_trainable_parameters()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     record = lineage.build(params, base_meta, lineage_data, ids, quantized,
                            str(compute_dtype(params.model)).removeprefix("torch."),
@@ -388,7 +419,7 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if not _is_main():
         trainer.save_model(str(output))  # takes part in FSDP's gather of the full state dict; writes nothing
         return {}
-    for config in model.peft_config.values():  # all-linear resolves to a set: saved in this process's hash order
+    for config in getattr(model, "peft_config", {}).values():  # all-linear: a set, saved in this process's hash order
         if isinstance(config.target_modules, set):
             config.target_modules = sorted(config.target_modules)
     history = trainer.state.log_history
@@ -411,7 +442,13 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     if evals:
         summary["eval_loss_last"] = evals[-1]
     with staged(output, metrics, plots) as (adapter_tmp, metrics_tmp, plots_tmp):  # all three or none
-        trainer.save_model(str(adapter_tmp))
+        initial = getattr(model, "initial_adapter", None)
+        if initial:  # pissa/olora: saved as (trained - initial), a rank-2r LoRA on the unmodified base
+            model.save_pretrained = functools.partial(
+                model.save_pretrained, path_initial_model_for_weight_conversion=f"{initial.name}/initial")
+        trainer.save_model(str(adapter_tmp))  # full: config.json + model.safetensors
+        if params.train.method == "full":
+            tokenizer.save_pretrained(adapter_tmp)  # a model folder that loads on its own
         (adapter_tmp / TRAINING_ARGS_NAME).unlink(missing_ok=True)  # training_args.bin, a pickle: checkpoints only
         write_json(adapter_tmp / "lineage.json", record)
         write_json(metrics_tmp, summary)

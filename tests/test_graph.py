@@ -176,6 +176,10 @@ STALE = {
     "lora.alpha": TRAIN,
     "lora.dropout": TRAIN,
     "lora.target_modules": TRAIN,
+    "lora.use_dora": TRAIN,
+    "lora.use_rslora": TRAIN,
+    "lora.init": TRAIN,
+    "lora.modules_to_save": TRAIN,
     "train.learning_rate": TRAIN,
     "train.lr_scheduler": TRAIN,
     "train.warmup_ratio": TRAIN,
@@ -196,6 +200,7 @@ STALE = {
     "train.optimizer": TRAIN,
     "train.max_grad_norm": TRAIN,
     "train.accelerate_config": TRAIN,  # the number of processes, so the global batch, on several GPUs
+    "train.method": TRAIN,  # evaluate and merge read the method from what models/adapter holds
     "evaluate.batch_size": EVAL,  # padding changes the matmuls' shapes: the last digits of the metrics
     "evaluate.max_new_tokens": EVAL,
     "evaluate.max_generate_rows": EVAL,

@@ -162,7 +162,9 @@ OUT_OF_DOMAIN = [
     ("tokenize.batch_size", 0),
     ("lora.r", 0), ("lora.alpha", 0), ("lora.alpha", -32), ("lora.dropout", 1.0), ("lora.dropout", -0.1),
     ("lora.target_modules", []), ("lora.target_modules", ""), ("lora.target_modules", ["q_proj", 1]),
-    ("lora.target_modules", {"q_proj": 1}),
+    ("lora.target_modules", {"q_proj": 1}), ("lora.use_dora", "yes"), ("lora.use_rslora", 1),
+    ("lora.init", "loftq"), ("lora.init", "pissa_niter_"), ("lora.init", "pissa_niter_-1"), ("lora.init", True),
+    ("lora.modules_to_save", "lm_head"), ("lora.modules_to_save", [""]), ("lora.modules_to_save", None),
     ("train.learning_rate", 0), ("train.learning_rate", -1e-4), ("train.learning_rate", float("inf")),
     ("train.lr_scheduler", "cosinus"), ("train.lr_scheduler", "cosine_with_min_lr"),
     ("train.warmup_ratio", 3), ("train.warmup_ratio", 1.0), ("train.warmup_ratio", -0.1),
@@ -174,6 +176,7 @@ OUT_OF_DOMAIN = [
     ("train.checkpoint_sync", ""), ("train.checkpoint_sync", "nosuch://bucket/runs"),
     ("train.optimizer", "adamw"), ("train.optimizer", "galore_adamw"), ("train.max_grad_norm", -1.0),
     ("train.accelerate_config", "no-such-config.yaml"), ("train.accelerate_config", ""),
+    ("train.method", "qlora"),
     ("evaluate.batch_size", -1), ("evaluate.batch_size", 0), ("evaluate.max_new_tokens", 0),
     ("evaluate.max_generate_rows", -1),
     ("merge.into", "lora"), ("merge.dtype", "int8"), ("merge.parity_prompts", -1), ("merge.parity_prompts", 0),
@@ -210,6 +213,35 @@ def test_batching_keys_that_disagree_are_one_line(changes, message):
         raw = changed(key, value, raw)
     with pytest.raises(ParamsError, match=message):
         parse_params(raw, "p.yaml")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train.method": "full", "model.quantize": "4bit"},
+     r"'train.method' = 'full' trains every weight, and 4-bit weights cannot be trained: set model.quantize: none"),
+    ({"lora.init": "pissa", "model.quantize": "4bit"}, r"'lora.init' = 'pissa' .* 4-bit .* set model.quantize: none"),
+    ({"lora.init": "pissa_niter_4", "model.quantize": "4bit"}, r"'lora.init' = 'pissa_niter_4' .* 4-bit"),
+    ({"lora.init": "olora", "model.quantize": "4bit"}, r"'lora.init' = 'olora' .* OLoRA re-quantizes"),
+    ({"lora.init": "pissa", "lora.use_dora": True}, r"'lora.init' = 'pissa' .* DoRA's magnitudes: set lora.use_dora"),
+    ({"lora.init": "olora", "lora.modules_to_save": ["lm_head"]},
+     r"modules_to_save's weights: set lora.modules_to_save: \[\]"),
+])
+def test_lora_variants_peft_cannot_train_or_save_exactly_are_one_line(changes, message):
+    raw = None
+    for key, value in changes.items():
+        raw = changed(key, value, raw)
+    with pytest.raises(ParamsError, match=message) as e:
+        parse_params(raw, "p.yaml")
+    assert "\n" not in str(e.value)
+
+
+def test_lora_variants_that_do_fit_are_accepted():
+    for changes in ({"lora.use_dora": True, "model.quantize": "4bit", "lora.modules_to_save": ["lm_head"]},
+                    {"lora.init": "pissa", "lora.use_rslora": True}, {"lora.init": "gaussian", "model.quantize": "4bit"},
+                    {"train.method": "full", "lora.init": "pissa", "model.quantize": "none"}):
+        raw = None
+        for key, value in changes.items():
+            raw = changed(key, value, raw)
+        assert parse_params(raw) is not None, changes
 
 
 def test_excluded_library_names_say_why():
@@ -323,6 +355,8 @@ def test_every_allowed_enum_value_is_accepted(key, value):
     ("wandb.entity", "my-team"), ("wandb.project", "journal-finetune"),
     ("data.train", "data/raw/train"), ("data.weights", {"support.jsonl": 2.0, "docs.jsonl": 0.5}),
     ("leakage.action", "drop"), ("leakage.threshold", 1.0),
+    ("lora.init", "pissa_niter_0"), ("lora.init", "pissa_niter_16"), ("lora.init", "gaussian"), ("lora.init", "olora"),
+    ("lora.modules_to_save", ["lm_head"]), ("lora.modules_to_save", ["embed_tokens", "lm_head"]),
 ])
 def test_values_at_the_edges_of_their_domain_are_accepted(key, value):
     assert parse_params(changed(key, value)) is not None

@@ -265,3 +265,77 @@ def test_queued_sweep_then_apply_the_best(project):
     assert params["train"]["learning_rate"] == exps[best][1]
     assert json.loads((project / "metrics/eval.json").read_text())["tuned_loss"] == exps[best][0]
     restore(project)
+
+
+def adapter_tensors(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(root / "models/adapter/adapter_model.safetensors")
+
+
+def test_exp_run_lora_variants_and_full_fine_tune_each_produce_what_they_say(project):
+    """One `dvc exp run -S` per variant (2 steps each): DoRA + modules_to_save, PiSSA + rsLoRA (saved as a
+    LoRA on the unmodified base), and a full fine-tune; merge's parity holds for each."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from stages.modeling import load_base_model
+    from stages.params import load_params
+
+    quick = "-S train.max_steps=2 -S train.eval_steps=0 -S merge.parity_prompts=2"
+    adapter, merged = project / "models/adapter", project / "models/merged"
+
+    def exp_run(variant: str) -> list[str]:  # from the baseline's params: -S changes the workspace's file
+        sh("git checkout -q HEAD -- params.yaml", project)
+        return STAGES_RUN.findall(sh(f"dvc exp run {quick} {variant}", project).stdout)
+
+    def parity() -> dict:
+        p = json.loads((merged / "parity.json").read_text())
+        assert p["max_abs_diff"] <= p["tolerance"], p
+        return p
+
+    try:
+        assert exp_run("-S lora.use_dora=true -S 'lora.modules_to_save=[lm_head]' merge") == ["train", "merge"]
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        assert config["use_dora"] is True and config["modules_to_save"] == ["model.embed_tokens"]  # lm_head is tied
+        tensors = adapter_tensors(project)
+        assert sum(k.endswith("lora_magnitude_vector") for k in tensors) == 14  # 7 linear layers x 2 decoder layers
+        base = load_base_model(project / "models/base", load_params(project / "params.yaml").model)
+        trained = tensors["base_model.model.model.embed_tokens.weight"]
+        assert trained.shape == base.model.embed_tokens.weight.shape
+        assert not torch.equal(trained.to(base.dtype), base.model.embed_tokens.weight)  # trained, not the frozen copy
+        assert parity()["top1_agreement"] > 0.9
+        assert AutoModelForCausalLM.from_pretrained(merged).config.tie_word_embeddings  # tied, as the base
+
+        assert exp_run("-S lora.init=pissa_niter_2 -S lora.use_rslora=true merge") == ["train", "merge"]
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        r, alpha = config["r"], config["lora_alpha"]
+        assert config["use_rslora"] is True and config["init_lora_weights"] is True and r == 32  # 2 x lora.r
+        # applied to the unmodified base, the saved adapter is the trained model: the PiSSA residual is not needed
+        tuned = PeftModel.from_pretrained(load_base_model(project / "models/base",
+                                                          load_params(project / "params.yaml").model), adapter)
+        layer = tuned.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.scaling["default"] == pytest.approx(alpha / r ** 0.5)  # rsLoRA: alpha / sqrt(r), not alpha / r
+        assert torch.equal(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
+        assert parity()["top1_agreement"] > 0.9
+
+        assert exp_run("-S train.method=full -S model.quantize=none") == ["train", "evaluate", "merge"]
+        assert not (adapter / "adapter_config.json").exists()
+        assert {"config.json", "model.safetensors", "lineage.json", "tokenizer.json"} <= {f.name for f in
+                                                                                        adapter.iterdir()}
+        assert json.loads((adapter / "lineage.json").read_text())["params"]["train"]["method"] == "full"
+        train = json.loads((project / "metrics/train.json").read_text())
+        assert train["trainable_parameters"] == base.num_parameters()
+        full = AutoModelForCausalLM.from_pretrained(adapter)
+        up = full.model.layers[0].mlp.up_proj.weight
+        assert not torch.equal(up.to(base.dtype), base.model.layers[0].mlp.up_proj.weight)
+        ev = json.loads((project / "metrics/eval.json").read_text())
+        assert ev["tuned_loss"] != ev["base_loss"] and ev["rows_generated"] == 4
+        parity()
+        record = json.loads((merged / "lineage.json").read_text())
+        assert record["merge"]["method"] == "full"
+        assert "Full fine-tune of the base" in (merged / "README.md").read_text()
+        sh("finetune lineage models/merged --verify", project)
+    finally:
+        restore(project)

@@ -90,3 +90,52 @@ def test_an_adapter_with_lm_head_holds_only_the_lora_weights(tokenized, tiny_bas
         keys = list(f.keys())
     assert any("lm_head.lora_A" in k for k in keys)
     assert all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k]  # no copy of the base's layers
+
+
+def shipped(tiny_base, **sections):
+    """The shipped params on the tiny base, `sections` replacing fields: lora={...}, train={...}."""
+    p = load_params(ROOT / "params.yaml")
+    changes = {name: dataclasses.replace(getattr(p, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(p, model=dataclasses.replace(p.model, source=str(tiny_base)),
+                               wandb=dataclasses.replace(p.wandb, mode="disabled"), **changes)
+
+
+@pytest.mark.parametrize("sections, what", [({"train": {"method": "full"}}, "train.method=full"),
+                                            ({"lora": {"init": "pissa"}}, "lora.init=pissa"),
+                                            ({"lora": {"init": "olora"}}, "lora.init=olora")])
+def test_auto_quantization_to_4bit_is_refused_for_what_cannot_train_on_it(tiny_base, sections, what):
+    """model.quantize=auto is 4-bit on CUDA: params cannot know it, the stage refuses before loading."""
+    with pytest.raises(StageError, match=f"^{what} cannot train on the 4-bit base that model.quantize=auto loads "
+                                         "here: set model.quantize: none$"):
+        train.trainable_model(tiny_base, shipped(tiny_base, **sections), quantized=True)
+
+
+def test_gaussian_init_draws_a_with_std_one_over_r_and_b_zero(tiny_base):
+    model = train.trainable_model(tiny_base, shipped(tiny_base, lora={"init": "gaussian", "r": 16}), quantized=False)
+    layer = model.base_model.model.model.layers[0].mlp.up_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    # default: Kaiming-uniform A
+    assert float(a.detach().std()) == pytest.approx(1 / 16, rel=0.1) and not b.detach().any()
+    assert model.peft_config["default"].init_lora_weights == "gaussian"
+
+
+def test_an_olora_adapter_is_saved_for_the_unmodified_base(tokenized, tiny_base, tmp_path):
+    """OLoRA moves W's QR part into the adapter and trains on the rest; saved as (trained - initial), the
+    adapter on the untouched base gives the trained model: at a learning rate of ~0, the base itself
+    (saved as trained, it would add the QR part a second time)."""
+    import torch
+    from peft import PeftModel
+
+    from stages.modeling import load_base_model
+
+    p = shipped(tiny_base, lora={"init": "olora"}, train={"max_steps": 1, "learning_rate": 1e-12, "save_steps": 10})
+    train.run(tokenized, None, tiny_base, tmp_path / "adapter", tmp_path / "m.json", tmp_path / "plots",
+              tmp_path / "ckpt", [], p)
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 2 * p.lora.r and config["init_lora_weights"] is True
+    ids = torch.tensor([[5, 17, 40, 99, 200, 3]])
+    base = load_base_model(tiny_base, p.model).eval()
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+        tuned = PeftModel.from_pretrained(load_base_model(tiny_base, p.model), tmp_path / "adapter").eval()
+        assert float((tuned(input_ids=ids).logits - want).abs().max()) < 1e-3
