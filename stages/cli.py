@@ -24,7 +24,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Reproducible QLoRA fine-tuning as a DVC pipeline. Stages: validate, format, tokenize, "
-                       "import-base, train, evaluate, merge; audit with `lineage`.")
+                       "import-base, train, evaluate, merge; audit with `lineage`; estimate with `plan`.")
 
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read")
 
@@ -182,6 +182,21 @@ def merge(
     from stages import merge as stage
 
     stage.run(adapter, base, output, prompts, p)
+
+
+@app.command()
+def plan(
+    train_data: Path = typer.Option(Path("data/tokenized/train"), "--train", help="tokenized train split"),
+    base: Path = typer.Option(Path("models/base"), help="base model dir (else model.source's config is read)"),
+    gpu: Optional[str] = typer.Option(None, help="plan for this card, not the detected one: h200, h100-80gb, a100-80gb"),
+    gpus: Optional[int] = typer.Option(None, min=1, help="GPUs to plan for (default: those detected, or 1 with --gpu)"),
+    params: Path = PARAMS,
+) -> None:
+    """Before training: steps, tokens, peak GPU memory and time for these params; exit 1 if it cannot fit."""
+    p = _params(params)
+    from stages import plan as stage
+
+    stage.run(p, train_data, base, gpu, gpus)
 
 
 @app.command()
