@@ -46,27 +46,28 @@ GIB = 2**30
 # All on one H200, Mistral-7B shape (random weights), NF4 + double quant, bf16, LoRA r=32 on all linear
 # layers + lm_head (85,041,152 trainable), paged_adamw_8bit, varlen attention, expandable segments.
 R = "benchmarks/results/"
+SPEED_RUN = R + "train_throughput_speed_settings_h200_2026-12-01.json"  # expandable segments, lora.dropout 0
+VARLEN_RUN = R + "train_throughput_varlen_h200_2026-12-01.json"  # default allocator, lora.dropout 0.05
+# tokens: a step's mean; budget: the token budget, which the largest micro-batch reaches (what memory follows)
 MEASURED = {
-    # 8,192-token micro-batches (tokens a step: the mean; the largest micro-batch is the budget)
-    "speed": dict(src=R + "train_throughput_speed_settings_h200_2026-12-01.json", variant="ours_8192tokens_varlen_nogc_nodrop",
-                  budget=8192, tokens=8039.5, ckpt=0.0, dropout=0.0, s_per_step=0.7021, alloc_gib=55.46, mfu=0.426),
-    "half_8k": dict(src=R + "train_throughput_speed_settings_h200_2026-12-01.json", variant="ours_8192tokens_varlen_ck0.5_nodrop",
-                    budget=8192, tokens=8038.8, ckpt=0.5, dropout=0.0, s_per_step=0.8418, alloc_gib=32.53, mfu=0.355),
-    "half_12k": dict(src=R + "train_throughput_speed_settings_h200_2026-12-01.json", variant="ours_12288tokens_varlen_ck0.5_nodrop",
-                     budget=12288, tokens=12141.4, ckpt=0.5, dropout=0.0, s_per_step=1.2161, alloc_gib=46.68, mfu=0.372),
-    "memory": dict(src=R + "train_throughput_speed_settings_h200_2026-12-01.json", variant="ours_16384tokens_varlen_nodrop",
-                   budget=16384, tokens=15444.9, ckpt=1.0, dropout=0.0, s_per_step=1.7722, alloc_gib=14.47, mfu=0.324),
-    # LoRA dropout 0.05, 32 rows a micro-batch, default allocator: for time only (its largest micro-batch,
-    # what memory follows, was not recorded)
-    "dropout": dict(src=R + "train_throughput_varlen_h200_2026-12-01.json", variant="ours_32rows_varlen_nogc",
-                    budget=None, tokens=8025.0, ckpt=0.0, dropout=0.05, s_per_step=0.7742, alloc_gib=84.94, mfu=0.387),
+    "speed": dict(src=SPEED_RUN, variant="ours_8192tokens_varlen_nogc_nodrop", budget=8192, tokens=8039.5,
+                  ckpt=0.0, dropout=0.0, s_per_step=0.7021, alloc_gib=55.46, mfu=0.426),
+    "half_8k": dict(src=SPEED_RUN, variant="ours_8192tokens_varlen_ck0.5_nodrop", budget=8192, tokens=8038.8,
+                    ckpt=0.5, dropout=0.0, s_per_step=0.8418, alloc_gib=32.53, mfu=0.355),
+    "half_12k": dict(src=SPEED_RUN, variant="ours_12288tokens_varlen_ck0.5_nodrop", budget=12288, tokens=12141.4,
+                     ckpt=0.5, dropout=0.0, s_per_step=1.2161, alloc_gib=46.68, mfu=0.372),
+    "memory": dict(src=SPEED_RUN, variant="ours_16384tokens_varlen_nodrop", budget=16384, tokens=15444.9,
+                   ckpt=1.0, dropout=0.0, s_per_step=1.7722, alloc_gib=14.47, mfu=0.324),
+    # 32 rows a micro-batch: for time only (its largest micro-batch was not recorded)
+    "dropout": dict(src=VARLEN_RUN, variant="ours_32rows_varlen_nogc", budget=None, tokens=8025.0,
+                    ckpt=0.0, dropout=0.05, s_per_step=0.7742, alloc_gib=84.94, mfu=0.387),
 }
-PEAK_TFLOPS_RUN = {R + "train_throughput_speed_settings_h200_2026-12-01.json": 770.8,  # its bf16 8192^3 matmul
-                   R + "train_throughput_varlen_h200_2026-12-01.json": 768.1}
-CKPT_GIB_PER_1K = 0.6293      # all layers checkpointed, one sequence 16k-128k tokens (R + seq_memory_h200_2026-11-28.json)
-NOGC_DROPOUT_GIB_PER_1K = 8.0054  # none checkpointed, LoRA dropout 0.05, one sequence 4k-16k (R + seq_memory_nogc_h200_2026-11-28.json)
-HOST_FLOOR_S = 0.666          # a step of 2 x 512 padded tokens at 7B: launch-bound (R + train_throughput_h200_2026-11-28.json, A)
-SYNC_S = 0.131                # a step's extra time on 2 GPUs, FSDP2 and DDP alike (R + fsdp_scaling_2xh200_2026-11-28.md)
+PEAK_TFLOPS_RUN = {SPEED_RUN: 770.8, VARLEN_RUN: 768.1}  # each run's bf16 8192^3 matmul
+# one sequence (the stage's model, LoRA dropout 0.05, no optimizer step), linear fits:
+CKPT_GIB_PER_1K = 0.6293          # all layers checkpointed, 16k-128k tokens (R + seq_memory_h200_2026-11-28.json)
+NOGC_DROPOUT_GIB_PER_1K = 8.0054  # none checkpointed, 4k-16k tokens (R + seq_memory_nogc_h200_2026-11-28.json)
+HOST_FLOOR_S = 0.666  # a step of 2 x 512 padded tokens, launch-bound (R + train_throughput_h200_2026-11-28.json, A)
+SYNC_S = 0.131        # a step's extra time on 2 GPUs, FSDP2 and DDP alike (R + fsdp_scaling_2xh200_2026-11-28.md)
 # CPU: the shipped params (SmolLM2-135M, float32, batch 8, LoRA r=16): 142.8 tokens/s steady on the
 # 2-core machine that made the committed metrics/train.json (commit 1f545a2); scaled by cores (assumed)
 CPU_TOKENS_PER_S, CPU_CORES = 142.8, 2

@@ -20,7 +20,6 @@ from stages.params import as_dict, load_params, parse_params
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks/results"
 H200 = plan.Hardware(plan.CARDS["h200"], 1, False, False)
-CPU = plan.Hardware(None, 1, False, True)
 MEMORY_TOLERANCE = 0.05  # predicted peak allocated GiB vs measured (the largest micro-batch known)
 ROWS_MEMORY_TOLERANCE = 0.10  # batches of rows: the benchmark's largest was not recorded, the plan's is simulated
 TIME_TOLERANCE = 0.06    # predicted tokens/s vs measured; the same recipe on two H200s differed by ~3% (NOTES.md)
@@ -111,7 +110,7 @@ def test_steps_and_tokens_are_what_the_train_stage_does(changes, small_split, ti
                             train=dataclasses.replace(p.train, save_steps=1000, **changes),
                             wandb=dataclasses.replace(p.wandb, mode="disabled"))
     split = small_split
-    predicted = plan.plan(p, plan.base_shape(tiny_base, p), plan.read_lengths(split), CPU)
+    predicted = plan.run(p, split, tiny_base, gpus=1)  # the hardware here: one process, as train.run below
     done = train.run(split, None, tiny_base, tmp_path / "adapter", tmp_path / "m.json", tmp_path / "plots",
                      tmp_path / "ckpt", [], p)
     assert predicted["steps"] == done["steps"]
