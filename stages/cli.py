@@ -209,6 +209,21 @@ def merge(
 
 
 @app.command()
+def plan(
+    train_data: Path = typer.Option(Path("data/tokenized/train"), "--train", help="tokenized train split"),
+    base: Path = typer.Option(Path("models/base"), help="base model dir (else model.source's config is read)"),
+    gpu: Optional[str] = typer.Option(None, help="plan for this card, not the detected one: h200, h100-80gb, a100-80gb"),
+    gpus: Optional[int] = typer.Option(None, min=1, help="GPUs to plan for (default: those detected, or 1 with --gpu)"),
+    params: Path = PARAMS,
+) -> None:
+    """Before training: steps, tokens, peak GPU memory and time for these params; exit 1 if it cannot fit."""
+    p = _params(params)
+    from stages import plan as stage
+
+    stage.run(p, train_data, base, gpu, gpus)
+
+
+@app.command()
 def lineage(
     model_dir: Path = typer.Argument(..., help="models/adapter, models/merged or an exported .gguf file"),
     verify: bool = typer.Option(False, "--verify", help="check data, base and dvc.lock on disk; exit 1 on mismatch"),

@@ -43,6 +43,7 @@ import torch
 from transformers import TrainerCallback
 
 from stages import lineage
+from stages.batching import token_bins
 from stages.errors import StageError
 from stages.jsonl import die_with_parent, file_md5, write_json
 from stages.modeling import read_base_json, under_fsdp
@@ -217,27 +218,14 @@ class FlattenRows:
 class TokenBins(torch.utils.data.Dataset):
     """Micro-batches by token budget (`train.batch_tokens`) instead of by row count, so that every
     step's memory is bounded and known in advance and GPUs of a multi-GPU run get near-equal work.
-    The rows are shuffled once (seeded) and packed in that order, each into the current micro-batch
-    while it fits (sequential greedy: with ~250-token rows and a 16k budget a bin is ~98% full); the
-    Trainer then shuffles the micro-batches every epoch, as it would shuffle rows."""
+    stages/batching.py packs the rows (seeded shuffle, then sequential greedy); the Trainer then
+    shuffles the micro-batches every epoch, as it would shuffle rows."""
 
     def __init__(self, ds, budget: int, seed: int, split: str):
         import numpy as np
 
         lengths = np.asarray(ds["length"] if "length" in ds.column_names else [len(x) for x in ds["input_ids"]])
-        if len(lengths) and lengths.max() > budget:
-            raise StageError(f"train.batch_tokens={budget} is smaller than the longest {split} row "
-                             f"({int(lengths.max())} tokens): raise it to at least tokenize.max_length")
-        order = np.random.default_rng(seed).permutation(len(lengths))
-        self.bins, current, used = [], [], 0
-        for i in order.tolist():
-            if current and used + lengths[i] > budget:
-                self.bins.append(current)
-                current, used = [], 0
-            current.append(i)
-            used += int(lengths[i])
-        if current:
-            self.bins.append(current)
+        self.bins = token_bins(lengths, budget, seed, split)
         self.ds = ds.select_columns(["input_ids", "labels"])
         self.fill = float(lengths.sum()) / max(len(self.bins) * budget, 1)
 
