@@ -7,9 +7,10 @@
     keys that change the adapter; wandb and train's logging/checkpointing keys are read but not listed)
 
 - Hardware (stages/modeling.py): 4-bit NF4 + double quant + bf16 compute on CUDA, float32 on CPU.
-  With several GPUs and no launcher around it, the command re-runs itself under
-  `accelerate launch --config_file configs/fsdp.yaml` (FSDP2 shards the 4-bit weights); rank 0 alone
-  writes the adapter, metrics, plots and lineage.
+  With GPUs and no launcher around it, the command claims `train.gpus` of them (stages/gpus.py: locks
+  shared by every experiment on the machine, so `dvc queue start -j K` runs side by side) and re-runs
+  itself on them, under `accelerate launch --config_file configs/fsdp.yaml` when there are several
+  (FSDP2 shards the 4-bit weights); rank 0 alone writes the adapter, metrics, plots and lineage.
 - Batches: `train.packing` concatenates the rows of a micro-batch into one padding-free sequence
   (position_ids restart per row, so attention stays within a row); otherwise rows pad to the longest.
 - Resumable: checkpoints go to checkpoints/train/<fingerprint of data+params+base>/ (outside DVC, which
@@ -37,7 +38,7 @@ import orjson
 import torch
 from transformers import TrainerCallback
 
-from stages import lineage
+from stages import gpus, lineage
 from stages.errors import StageError
 from stages.jsonl import die_with_parent, file_md5, write_json
 from stages.modeling import read_base_json, under_fsdp
@@ -125,17 +126,27 @@ class CheckpointSync(TrainerCallback):
         log.info("checkpoint %s mirrored to %s", name, self.shown)
 
 
-def relaunch_under_accelerate(config: str) -> bool:
-    """Several GPUs and not yet under a launcher: re-run this command with `accelerate launch`."""
-    n_gpus = torch.cuda.device_count()
-    if n_gpus < 2 or "LOCAL_RANK" in os.environ or config == "none":
+def relaunch_under_accelerate(config: str, wanted: str | int) -> bool:
+    """On a machine with GPUs and not yet under a launcher: claim `train.gpus` of them (stages/gpus.py:
+    waits while other experiments hold them) and re-run this command on them, under `accelerate launch`
+    when there are several (one process a GPU). The claim is this process's: it ends with it."""
+    if "LOCAL_RANK" in os.environ or gpus.CLAIMED in os.environ:
         return False
-    config_file = CONFIGS / "fsdp.yaml" if config == "auto" else Path(config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--num_processes", str(n_gpus), "-m", "stages.cli", *sys.argv[1:]]
-    log.info("%d GPUs: %s", n_gpus, " ".join(cmd))
-    # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
-    subprocess.run(cmd, check=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    held = gpus.claim(1 if config == "none" else wanted)  # none = one process: one GPU
+    if held is None:
+        return False
+    # in a child even for one GPU: CUDA_VISIBLE_DEVICES is read once, when CUDA starts (device_count did)
+    cmd = [sys.executable, "-m", "stages.cli", *sys.argv[1:]]
+    if len(held.gpus) > 1:
+        config_file = CONFIGS / "fsdp.yaml" if config == "auto" else Path(config)
+        cmd[1:3] = ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes",
+                    str(len(held.gpus)), "--main_process_port", str(held.port), "-m", "stages.cli"]
+    log.info("GPUs %s: %s", ",".join(held.gpus), " ".join(cmd))
+    try:  # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
+        subprocess.run(cmd, check=True, env={**os.environ, **held.env()},
+                       preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    finally:
+        held.release()
     return True
 
 
@@ -444,6 +455,6 @@ def main(train_data, eval_data, base, output, metrics, plots, checkpoints, linea
         run_id = fingerprint(params, train_data, read_base_json(base))
         if not last_complete_checkpoint(checkpoints / run_id):
             CheckpointSync(params.train.checkpoint_sync, run_id, 1).fetch_latest(checkpoints / run_id)
-    if relaunch_under_accelerate(params.train.accelerate_config):
+    if relaunch_under_accelerate(params.train.accelerate_config, params.train.gpus):
         return
     run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params)

@@ -189,6 +189,7 @@ STALE = {
     "train.optimizer": TRAIN,
     "train.max_grad_norm": TRAIN,
     "train.accelerate_config": TRAIN,  # the number of processes, so the global batch, on several GPUs
+    "train.gpus": TRAIN,  # likewise: one process a GPU claimed
     "evaluate.batch_size": EVAL,  # padding changes the matmuls' shapes: the last digits of the metrics
     "evaluate.max_new_tokens": EVAL,
     "evaluate.max_generate_rows": EVAL,
