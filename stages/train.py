@@ -17,8 +17,9 @@
   would delete its outputs before a re-run). A killed run restarted with the same data and params
   resumes from the last checkpoint; the folder is removed once the adapter is written. A checkpoint
   holds the Trainer's training_args.bin (a pickle of its settings, for resuming); models/adapter does not.
-- Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); W&B in `wandb.mode`
-  (offline by default), the run named after the DVC experiment and carrying the lineage.
+- Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); `--live dvclive`: the same
+  figures every log line in dvclive/ (DVCLive), which `dvc exp show` shows while the experiment runs;
+  W&B in `wandb.mode` (offline by default), the run named after the DVC experiment and carrying the lineage.
 """
 
 from __future__ import annotations
@@ -194,6 +195,36 @@ class ThroughputLog(TrainerCallback):
         return out
 
 
+class LiveProgress(TrainerCallback):
+    """The current step, loss, learning rate and tokens/s while training, for `dvc exp show` and the VS Code
+    extension: DVCLive rewrites `folder`/metrics.json (the latest values and the step) and appends to
+    `folder`/plots/metrics/*.tsv at every log line. dvc.yaml declares both (cache: false), and `dvc exp show`
+    reads a running experiment's metrics from its workspace (a queued one's: its temporary copy), so the
+    row of a running experiment moves with the training. Rank 0 only (the callback is made there).
+    metrics/train.json and plots/train stay what `dvc metrics diff` / `dvc plots diff` compare."""
+
+    KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "eval_loss")
+
+    def __init__(self, folder: Path):
+        from dvclive import Live
+
+        # dvcyaml=False: dvc.yaml declares the folder already (DVCLive would write its own entries into it)
+        self.live = Live(dir=str(folder), save_dvc_exp=False, dvcyaml=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not any(k in logs for k in self.KEYS):
+            return
+        self.live.step = state.global_step  # the Trainer's step, also after a resume
+        for key in self.KEYS:
+            if key in logs:
+                self.live.log_metric(key, logs[key])
+        self.live.log_metric("tokens_seen", int(state.num_input_tokens_seen), plot=False)
+        self.live.next_step()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.live.end()
+
+
 def write_plots(history: list[dict], plots: Path) -> None:
     """Per-step curves for `dvc plots show`: loss.csv (train) and eval_loss.csv, in a new folder `plots`."""
     rows = [h for h in history if "loss" in h]
@@ -313,7 +344,7 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 
 
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
-        checkpoints: Path, lineage_data: list[Path], params: Params) -> dict:
+        checkpoints: Path, lineage_data: list[Path], params: Params, live: Path | None = None) -> dict:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer import TRAINING_ARGS_NAME
@@ -386,7 +417,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, callbacks=[throughput] + ([sync] if sync else []))
+                      data_collator=collator, callbacks=[throughput] + ([sync] if sync else [])
+                      + ([LiveProgress(live)] if live and _is_main() else []))  # after throughput: tokens/s
     if under_fsdp() and on_cuda and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
         # accelerate's FSDP2 default casts the model's outputs (so the loss) to bf16 and reduces the LoRA
         # gradients in bf16: compute in bf16, but reduce in float32 and leave the float32 loss alone.
@@ -447,7 +479,8 @@ def _finish_wandb(params: Params) -> None:
             wandb.finish()
 
 
-def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path) -> None:
+def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path,
+         live: Path | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
         die_with_parent(os.getppid())
     params = load_params(params_path)
@@ -457,4 +490,4 @@ def main(train_data, eval_data, base, output, metrics, plots, checkpoints, linea
             CheckpointSync(params.train.checkpoint_sync, run_id, 1).fetch_latest(checkpoints / run_id)
     if relaunch_under_accelerate(params.train.accelerate_config, params.train.gpus):
         return
-    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params)
+    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params, live)
