@@ -153,18 +153,20 @@ def train(
     lineage_data: List[Path] = typer.Option([], "--lineage-data", help="raw data files or source folders recorded in lineage"),
     lineage_rows: Optional[Path] = typer.Option(None, "--lineage-rows", help="the train rows with their source (mix's output): rows trained per source, in lineage"),
     params: Path = PARAMS,
+    live: Optional[Path] = typer.Option(None, help="DVCLive folder: step, loss, tokens/s while training"),
 ) -> None:
     """QLoRA/LoRA fine-tune; several GPUs go through `accelerate launch` with an FSDP config."""
-    from stages.outputs import ADAPTER, CHECKPOINTS, METRICS, PLOTS, check
+    from stages.outputs import ADAPTER, CHECKPOINTS, LIVE, METRICS, PLOTS, check
 
     _params(params)
     check({"--train": train_data, "--eval": eval_data, "--base": base, "--lineage-data": lineage_data,
            "--lineage-rows": lineage_rows, "--params": params},
            {"--output": (output, ADAPTER), "--metrics": (metrics, METRICS), "--plots": (plots, PLOTS),
-            "--checkpoints": (checkpoints, CHECKPOINTS)})
+            "--checkpoints": (checkpoints, CHECKPOINTS), "--live": (live, LIVE)})
     from stages import train as stage
 
-    stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params, lineage_rows)
+    stage.main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params, lineage_rows,
+               live)
 
 
 @app.command()

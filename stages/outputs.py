@@ -101,6 +101,8 @@ ADAPTER = Kind("a LoRA adapter (a folder with adapter_config.json)", True,
 MERGED = Kind("a merged model (a folder with config.json and lineage.json)", True,
               folder_with("config.json", "lineage.json"))
 PLOTS = Kind("plots (a folder of .csv files)", True, only_files(".csv"))
+LIVE = Kind("a DVCLive folder (metrics.json and plots/)", True,
+            lambda path: all(p.name in ("metrics.json", "plots") for p in path.iterdir()))
 CHECKPOINTS = Kind("checkpoints (a folder of run folders)", True, lambda path: True)  # written in, kept
 
 

@@ -34,7 +34,7 @@ import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 
 class ParamsError(ValueError):
@@ -290,6 +290,7 @@ class TrainParams:
     max_grad_norm: Annotated[float, NON_NEGATIVE]  # 0 = no clipping
     accelerate_config: Annotated[str, LAUNCH]
     method: Literal["lora", "full"]
+    gpus: Union[Literal["all"], Annotated[int, COUNT]]  # GPUs this run claims (stages/gpus.py); none: the CPU
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,19 @@
   base, models/adapter then a full model folder (config.json, model.safetensors, tokenizer). lineage.json
   sits in either; evaluate and merge tell them apart by adapter_config.json.
 - Hardware (stages/modeling.py): 4-bit NF4 + double quant + bf16 compute on CUDA, float32 on CPU.
-  With several GPUs and no launcher around it, the command re-runs itself under
-  `accelerate launch --config_file configs/fsdp.yaml` (FSDP2 shards the 4-bit weights); rank 0 alone
-  writes the adapter, metrics, plots and lineage.
+  With GPUs and no launcher around it, the command claims `train.gpus` of them (stages/gpus.py: locks
+  shared by every experiment on the machine, so `dvc queue start -j K` runs side by side) and re-runs
+  itself on them, under `accelerate launch --config_file configs/fsdp.yaml` when there are several
+  (FSDP2 shards the 4-bit weights); rank 0 alone writes the adapter, metrics, plots and lineage.
 - Batches: `train.packing` concatenates the rows of a micro-batch into one padding-free sequence
   (position_ids restart per row, so attention stays within a row); otherwise rows pad to the longest.
 - Resumable: checkpoints go to checkpoints/train/<fingerprint of data+params+base>/ (outside DVC, which
   would delete its outputs before a re-run). A killed run restarted with the same data and params
   resumes from the last checkpoint; the folder is removed once the adapter is written. A checkpoint
   holds the Trainer's training_args.bin (a pickle of its settings, for resuming); models/adapter does not.
-- Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); W&B in `wandb.mode`
-  (offline by default), the run named after the DVC experiment and carrying the lineage.
+- Tracking: Hugging Face Trainer logs (progress bar, loss, lr, tokens/s); `--live dvclive`: the same
+  figures every log line in dvclive/ (DVCLive), which `dvc exp show` shows while the experiment runs;
+  W&B in `wandb.mode` (offline by default), the run named after the DVC experiment and carrying the lineage.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import orjson
 import torch
 from transformers import TrainerCallback
 
-from stages import lineage
+from stages import gpus, lineage
 from stages.batching import token_bins
 from stages.errors import StageError
 from stages.jsonl import die_with_parent, file_md5, write_json
@@ -131,17 +133,27 @@ class CheckpointSync(TrainerCallback):
         log.info("checkpoint %s mirrored to %s", name, self.shown)
 
 
-def relaunch_under_accelerate(config: str) -> bool:
-    """Several GPUs and not yet under a launcher: re-run this command with `accelerate launch`."""
-    n_gpus = torch.cuda.device_count()
-    if n_gpus < 2 or "LOCAL_RANK" in os.environ or config == "none":
+def relaunch_under_accelerate(config: str, wanted: str | int) -> bool:
+    """On a machine with GPUs and not yet under a launcher: claim `train.gpus` of them (stages/gpus.py:
+    waits while other experiments hold them) and re-run this command on them, under `accelerate launch`
+    when there are several (one process a GPU). The claim is this process's: it ends with it."""
+    if "LOCAL_RANK" in os.environ or gpus.CLAIMED in os.environ:
         return False
-    config_file = CONFIGS / "fsdp.yaml" if config == "auto" else Path(config)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file),
-           "--num_processes", str(n_gpus), "-m", "stages.cli", *sys.argv[1:]]
-    log.info("%d GPUs: %s", n_gpus, " ".join(cmd))
-    # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
-    subprocess.run(cmd, check=True, preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    held = gpus.claim(1 if config == "none" else wanted)  # none = one process: one GPU
+    if held is None:
+        return False
+    # in a child even for one GPU: CUDA_VISIBLE_DEVICES is read once, when CUDA starts (device_count did)
+    cmd = [sys.executable, "-m", "stages.cli", *sys.argv[1:]]
+    if len(held.gpus) > 1:
+        config_file = CONFIGS / "fsdp.yaml" if config == "auto" else Path(config)
+        cmd[1:3] = ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes",
+                    str(len(held.gpus)), "--main_process_port", str(held.port), "-m", "stages.cli"]
+    log.info("GPUs %s: %s", ",".join(held.gpus), " ".join(cmd))
+    try:  # the launcher (and through it each rank, see `main`) ends with this process, even killed by SIGKILL
+        subprocess.run(cmd, check=True, env={**os.environ, **held.env()},
+                       preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    finally:
+        held.release()
     return True
 
 
@@ -187,6 +199,36 @@ class ThroughputLog(TrainerCallback):
             out["peak_gpu_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             out["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
         return out
+
+
+class LiveProgress(TrainerCallback):
+    """The current step, loss, learning rate and tokens/s while training, for `dvc exp show` and the VS Code
+    extension: DVCLive rewrites `folder`/metrics.json (the latest values and the step) and appends to
+    `folder`/plots/metrics/*.tsv at every log line. dvc.yaml declares both (cache: false), and `dvc exp show`
+    reads a running experiment's metrics from its workspace (a queued one's: its temporary copy), so the
+    row of a running experiment moves with the training. Rank 0 only (the callback is made there).
+    metrics/train.json and plots/train stay what `dvc metrics diff` / `dvc plots diff` compare."""
+
+    KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_s", "eval_loss")
+
+    def __init__(self, folder: Path):
+        from dvclive import Live
+
+        # dvcyaml=False: dvc.yaml declares the folder already (DVCLive would write its own entries into it)
+        self.live = Live(dir=str(folder), save_dvc_exp=False, dvcyaml=False)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not any(k in logs for k in self.KEYS):
+            return
+        self.live.step = state.global_step  # the Trainer's step, also after a resume
+        for key in self.KEYS:
+            if key in logs:
+                self.live.log_metric(key, logs[key])
+        self.live.log_metric("tokens_seen", int(state.num_input_tokens_seen), plot=False)
+        self.live.next_step()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.live.end()
 
 
 def write_plots(history: list[dict], plots: Path) -> None:
@@ -321,7 +363,8 @@ def trainable_model(base: Path, params: Params, quantized: bool):
 
 
 def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metrics: Path, plots: Path,
-        checkpoints: Path, lineage_data: list[Path], params: Params, lineage_rows: Path | None = None) -> dict:
+        checkpoints: Path, lineage_data: list[Path], params: Params, lineage_rows: Path | None = None,
+        live: Path | None = None) -> dict:
     import datasets
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     from transformers.trainer import TRAINING_ARGS_NAME
@@ -395,7 +438,8 @@ def run(train_data: Path, eval_data: Path | None, base: Path, output: Path, metr
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=collator, callbacks=[throughput] + ([sync] if sync else []))
+                      data_collator=collator, callbacks=[throughput] + ([sync] if sync else [])
+                      + ([LiveProgress(live)] if live and _is_main() else []))  # after throughput: tokens/s
     if under_fsdp() and on_cuda and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
         # accelerate's FSDP2 default casts the model's outputs (so the loss) to bf16 and reduces the LoRA
         # gradients in bf16: compute in bf16, but reduce in float32 and leave the float32 loss alone.
@@ -463,7 +507,7 @@ def _finish_wandb(params: Params) -> None:
 
 
 def main(train_data, eval_data, base, output, metrics, plots, checkpoints, lineage_data, params_path,
-         lineage_rows=None) -> None:
+         lineage_rows=None, live: Path | None = None) -> None:
     if "LOCAL_RANK" in os.environ:  # a rank started by the launcher (in a session of its own): ends with it
         die_with_parent(os.getppid())
     params = load_params(params_path)
@@ -471,6 +515,7 @@ def main(train_data, eval_data, base, output, metrics, plots, checkpoints, linea
         run_id = fingerprint(params, train_data, read_base_json(base))
         if not last_complete_checkpoint(checkpoints / run_id):
             CheckpointSync(params.train.checkpoint_sync, run_id, 1).fetch_latest(checkpoints / run_id)
-    if relaunch_under_accelerate(params.train.accelerate_config):
+    if relaunch_under_accelerate(params.train.accelerate_config, params.train.gpus):
         return
-    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params, lineage_rows)
+    run(train_data, eval_data, base, output, metrics, plots, checkpoints, list(lineage_data), params, lineage_rows,
+        live)

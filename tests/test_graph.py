@@ -201,6 +201,7 @@ STALE = {
     "train.max_grad_norm": TRAIN,
     "train.accelerate_config": TRAIN,  # the number of processes, so the global batch, on several GPUs
     "train.method": TRAIN,  # evaluate and merge read the method from what models/adapter holds
+    "train.gpus": TRAIN,  # likewise: one process a GPU claimed
     "evaluate.batch_size": EVAL,  # padding changes the matmuls' shapes: the last digits of the metrics
     "evaluate.max_new_tokens": EVAL,
     "evaluate.max_generate_rows": EVAL,

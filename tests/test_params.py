@@ -177,6 +177,7 @@ OUT_OF_DOMAIN = [
     ("train.optimizer", "adamw"), ("train.optimizer", "galore_adamw"), ("train.max_grad_norm", -1.0),
     ("train.accelerate_config", "no-such-config.yaml"), ("train.accelerate_config", ""),
     ("train.method", "qlora"),
+    ("train.gpus", 0), ("train.gpus", "some"), ("train.gpus", True), ("train.gpus", 1.5),
     ("evaluate.batch_size", -1), ("evaluate.batch_size", 0), ("evaluate.max_new_tokens", 0),
     ("evaluate.max_generate_rows", -1),
     ("merge.into", "lora"), ("merge.dtype", "int8"), ("merge.parity_prompts", -1), ("merge.parity_prompts", 0),
@@ -357,6 +358,7 @@ def test_every_allowed_enum_value_is_accepted(key, value):
     ("leakage.action", "drop"), ("leakage.threshold", 1.0),
     ("lora.init", "pissa_niter_0"), ("lora.init", "pissa_niter_16"), ("lora.init", "gaussian"), ("lora.init", "olora"),
     ("lora.modules_to_save", ["lm_head"]), ("lora.modules_to_save", ["embed_tokens", "lm_head"]),
+    ("train.gpus", 1), ("train.gpus", "all"),
 ])
 def test_values_at_the_edges_of_their_domain_are_accepted(key, value):
     assert parse_params(changed(key, value)) is not None
