@@ -133,7 +133,7 @@ def test_every_stage_lists_the_project_files_its_code_imports_or_reads():
                   and not any(d == o or d.startswith(f"{o}/") for o in outputs)}
         assert listed == derived_code_deps(cmd[1]), name
         checked.append(name)
-    assert len(checked) == 8
+    assert checked == list(dvc_stages()) and len(checked) >= 9  # every stage, none skipped
 
 
 def test_the_derivation_sees_shared_modules_and_configs():
@@ -247,8 +247,11 @@ def params_only_project(tmp_path_factory):
     root = copy_project(tmp_path_factory.mktemp("graph"))
     yaml = YAML()
     data = yaml.load((root / "dvc.yaml").read_text())
-    for stage in data["stages"].values():
+    for name, stage in list(data["stages"].items()):
         body = stage.get("do", stage)
+        if "params" not in body:  # no params (report): nothing to go stale, and DVC runs a dep-less stage always
+            del data["stages"][name]
+            continue
         for key in list(body):
             if key != "params":
                 del body[key]
