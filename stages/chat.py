@@ -41,9 +41,12 @@ log = logging.getLogger("finetune")
 # --- prompts (no model) ---------------------------------------------------------------------------
 
 def ids_tokenizer(folder: Path):
-    """tokenize's encoder for the tokenizer in `folder`: models/base, or a merged folder (no base.json)."""
+    """tokenize's encoder for the tokenizer in `folder` and its EOS id: models/base, or a merged folder
+    (no base.json: EOS is its tokenizer_config.json's eos_token, as import_base read it for the base)."""
     if (folder / "base.json").exists():
-        return tokens.load_tokenizer(folder)[0]
+        return tokens.load_tokenizer(folder)
+    import json
+
     from tokenizers import Tokenizer
 
     if not (folder / "tokenizer.json").exists():
@@ -51,7 +54,13 @@ def ids_tokenizer(folder: Path):
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tokenizer.no_truncation()  # as tokens.load_tokenizer
     tokenizer.no_padding()
-    return tokenizer
+    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is None or tokenizer.token_to_id(eos) is None:
+        raise StageError(f"{folder}/tokenizer_config.json: no eos_token the tokenizer knows (got {eos!r}); "
+                         "re-run `finetune merge` to write the folder's tokenizer")
+    return tokenizer, tokenizer.token_to_id(eos)
 
 
 class Conversation:
@@ -59,10 +68,11 @@ class Conversation:
     for a training row holding those turns and that question."""
 
     def __init__(self, record: dict, tokenizer_dir: Path):
-        self.template = TemplateParams(**record["params"]["template"])
+        # models trained before template.train_on existed trained the last turn only
+        self.template = TemplateParams(**{"train_on": "last", **record["params"]["template"]})
         self.max_length = record["params"]["tokenize"]["max_length"]
         self.tokenizer_dir = tokenizer_dir
-        self.tokenizer = ids_tokenizer(tokenizer_dir)
+        self.tokenizer, self.eos_id = ids_tokenizer(tokenizer_dir)
         self.layout = tokens.layout(self.tokenizer)
         self.history: list[dict] = []
 
@@ -74,7 +84,7 @@ class Conversation:
 
     def prompt_ids(self, question: str) -> list[int]:
         while True:
-            ids = tokens.prompt_ids([self.row(question)], self.tokenizer, self.layout)[0]
+            ids = tokens.prompt_ids([self.row(question)], self.tokenizer, self.layout, self.eos_id)[0]
             if len(ids) <= self.max_length or not self.history:
                 return ids
             log.info("chat: the prompt is %d tokens > tokenize.max_length=%d; dropping the oldest turn",

@@ -32,8 +32,8 @@ def record_with(adapter: Path, **template) -> dict:
 
 
 def trained_prompt_ids(tmp_path: Path, raw_row: dict, template: TemplateParams, base: Path) -> list[int]:
-    """The stages themselves on a one-row file: validate, format, tokenize; the ids before the first
-    trained (labelled) token."""
+    """The stages themselves on a one-row file: validate, format, tokenize; the ids before the last
+    answer's trained (labelled) tokens (with template.train_on=all earlier answers are trained too)."""
     import datasets
 
     raw = tmp_path / "raw.jsonl"
@@ -42,7 +42,8 @@ def trained_prompt_ids(tmp_path: Path, raw_row: dict, template: TemplateParams, 
     format.run(tmp_path / "clean.jsonl", tmp_path / "prompts.jsonl", template, base)
     tokenize.run(tmp_path / "prompts.jsonl", tmp_path / "tokenized", base, None, None, SHIPPED.tokenize)
     [row] = datasets.load_from_disk(str(tmp_path / "tokenized"))
-    first = next(i for i, label in enumerate(row["labels"]) if label != -100)
+    labels = row["labels"]
+    first = max(i for i, label in enumerate(labels) if label != -100 and (i == 0 or labels[i - 1] == -100))
     return row["input_ids"][:first]
 
 
@@ -55,7 +56,7 @@ def trained_prompt_ids(tmp_path: Path, raw_row: dict, template: TemplateParams, 
 ])
 def test_the_prompt_is_the_ids_format_and_tokenize_gave_a_training_row(tmp_path, tiny_base, tiny_adapter, name,
                                                                        system_prompt, question):
-    template = TemplateParams(name=name, system_prompt=system_prompt)
+    template = TemplateParams(name=name, system_prompt=system_prompt, train_on="all")
     want = trained_prompt_ids(tmp_path, {"input": question, "output": "Hold the button."}, template, tiny_base)
     conversation = chat.Conversation(record_with(tiny_adapter, name=name, system_prompt=system_prompt), tiny_base)
     assert conversation.prompt_ids(question) == want
@@ -67,7 +68,7 @@ def test_a_second_question_follows_the_first_turn_as_in_a_multi_turn_training_ro
     turns = [("What is the hub?", "A box."), ("How do I reset it?", "Hold the button.")]
     row = {"messages": [m for q, a in turns for m in ({"role": "user", "content": q},
                                                        {"role": "assistant", "content": a})]}
-    want = trained_prompt_ids(tmp_path, row, TemplateParams(name=name, system_prompt=None), tiny_base)
+    want = trained_prompt_ids(tmp_path, row, TemplateParams(name=name, system_prompt=None, train_on="all"), tiny_base)
     conversation = chat.Conversation(record_with(tiny_adapter, name=name), tiny_base)
     conversation.add(*turns[0])
     assert conversation.prompt_ids(turns[1][0]) == want
@@ -161,7 +162,7 @@ def test_an_adapter_chats_in_its_lineage_template_not_todays_params(tmp_path, mo
     assert session.conversation.row(question)["prompt"] == \
         f"Be brief.\n\n### Instruction:\n{question}\n\n### Response:\n"
     ids = trained_prompt_ids(tmp_path, {"input": question, "output": "x"},
-                             TemplateParams(name="alpaca", system_prompt="Be brief."), tiny_base)
+                             TemplateParams(name="alpaca", system_prompt="Be brief.", train_on="all"), tiny_base)
     model = PeftModel.from_pretrained(load_base_model(tiny_base, SHIPPED.model, inference=True), adapter).eval()
     shown: list[str] = []
     answer = session.answer(question, write=shown.append, max_new_tokens=8)
