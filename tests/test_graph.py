@@ -130,7 +130,7 @@ def test_every_stage_lists_the_project_files_its_code_imports_or_reads():
         listed = {d for d in stage["deps"] if d in tracked and not d.startswith("data/")}
         assert listed == derived_code_deps(cmd[1]), name
         checked.append(name)
-    assert len(checked) == 7
+    assert len(checked) == 8
 
 
 def test_the_derivation_sees_shared_modules_and_configs():
@@ -196,6 +196,12 @@ STALE = {
     "merge.dtype": ("merge",),
     "merge.parity_prompts": ("merge",),  # parity.json is part of models/merged
     "merge.parity_tolerance": ("merge",),
+    "export.types": ("export",),
+    "export.parity_prompts": ("export",),  # parity.json is part of models/gguf
+    "export.parity_tokens": ("export",),
+    "export.min_agreement_16bit": ("export",),  # whether the stage passes
+    "export.max_ppl_change_q8_0": ("export",),
+    "export.max_ppl_change_q4_k_m": ("export",),
     "wandb.mode": NOTHING,  # tracking
     "wandb.project": NOTHING,
     "wandb.entity": NOTHING,
