@@ -35,15 +35,18 @@ The metrics file holds parity.json's figures (`dvc metrics show`). `export.types
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +55,7 @@ import torch
 
 from stages import lineage, tokens
 from stages.errors import StageError
-from stages.jsonl import cpu_count, read_jsonl, write_json
+from stages.jsonl import cpu_count, die_with_parent, read_jsonl, write_json
 from stages.outputs import staged
 from stages.params import ExportParams
 
@@ -97,7 +100,8 @@ def llama_cpp():
 def convert(merged: Path, out: Path, outtype: str) -> None:
     """llama.cpp's converter, HF safetensors -> GGUF (f16 | bf16); its last message line when it fails."""
     proc = subprocess.run([sys.executable, str(converter_script()), str(merged), "--outfile", str(out),
-                           "--outtype", outtype], capture_output=True, text=True)
+                           "--outtype", outtype], capture_output=True, text=True,
+                          preexec_fn=functools.partial(die_with_parent, os.getpid()))  # ends with the stage
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("INFO", " "))]
         why = lines[-1] if lines else f"exit code {proc.returncode}"
@@ -129,8 +133,24 @@ def quantize(src: Path, dst: Path, gguf_type: str) -> None:
     q = llama.llama_model_quantize_default_params()
     q.ftype = {"q8_0": llama.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama.LLAMA_FTYPE_MOSTLY_Q4_K_M}[gguf_type]
     q.nthread = cpu_count()
-    if llama.llama_model_quantize(str(src).encode(), str(dst).encode(), q) != 0:
-        raise StageError(f"{src}: llama.cpp's quantizer failed to write {gguf_type}")
+    with tempfile.TemporaryFile() as err:  # its line a tensor goes to stderr, kept out of the stage's log
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = llama.llama_model_quantize(str(src).encode(), str(dst).encode(), q)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace")
+    if code != 0:
+        lines = [line for line in text.splitlines() if line.strip()]
+        raise StageError(f"{src}: llama.cpp's quantizer failed to write {gguf_type} ({lines[-1] if lines else code})")
+    fallback = re.search(r"(\d+) of (\d+) tensor\(s\) required fallback", text)
+    if fallback:  # k-quants take rows of 256 values: SmolLM2-135M's 576-wide rows get q5_0/q8_0 instead
+        log.info("export %s: %s of %s tensors in a fallback type (rows not a multiple of 256)", gguf_type,
+                 *fallback.groups())
 
 
 def write_files(merged: Path, folder: Path, scratch: Path, types: list[str], metadata: dict[str, str]) -> None:
@@ -229,12 +249,12 @@ def breach(gguf_type: str, figures: dict, p: ExportParams) -> str | None:
     """What is past tolerance for this type (the figure and the param), or None."""
     if gguf_type in SIXTEEN_BIT:
         if figures["agreement"] < p.min_agreement_16bit:
-            return (f"greedy-token agreement {figures['agreement']:.2%} with models/merged < "
+            return (f"greedy-token agreement {figures['agreement']:.2%} with the merged model < "
                     f"export.min_agreement_16bit={p.min_agreement_16bit}")
         return None
     limit = getattr(p, f"max_ppl_change_{gguf_type}")
     if abs(figures["ppl_change"]) > limit:
-        return (f"answer perplexity {figures['ppl_change']:+.2%} vs models/merged, past "
+        return (f"answer perplexity {figures['ppl_change']:+.2%} vs the merged model, past "
                 f"export.max_ppl_change_{gguf_type}={limit}")
     return None
 
