@@ -29,8 +29,8 @@ models/gguf/ holds, all written together or not at all (stages/outputs.py `stage
   Modelfile          for `ollama create NAME -f models/gguf/Modelfile`: FROM the q4_k_m file (else the first
                      type), the TEMPLATE and stop sequences of the prompt template the model was trained with
                      (its lineage's template params, not today's), and SYSTEM when it had a system prompt.
-The metrics file (`dvc metrics show`) holds each type's agreement, free-running agreement, perplexity and size. `export.types: []` exports nothing
-(for a tokenizer llama.cpp's converter does not know).
+The metrics file (`dvc metrics show`) holds each type's agreement, free-running agreement, perplexity and
+size. `export.types: []` exports nothing (for a tokenizer llama.cpp's converter does not know).
 """
 
 from __future__ import annotations
