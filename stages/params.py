@@ -181,6 +181,9 @@ LAUNCH = Check(lambda v: v in ("auto", "none") or Path(v).is_file(),
 WANDB_PROJECT = Check(lambda v: _text(v) and len(v) <= 128 and not set("/\\#?%:") & set(v),
                       "a W&B project name: 1-128 characters, none of / \\ # ? % :")
 MAX_STEPS = Check(lambda v: v == -1 or v >= 1, "-1 (train by epochs) or an integer >= 1")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")  # 16-bit: llama.cpp's converter; quantized: its quantizer
+EXPORT_TYPES = Check(lambda v: isinstance(v, list) and all(t in GGUF_TYPES for t in v) and len(set(v)) == len(v),
+                     "a list of distinct GGUF types from " + ", ".join(GGUF_TYPES) + " ([] = no GGUF export)")
 
 # transformers 5 trainer_utils.SchedulerType and training_args.OptimizerNames, less EXCLUDED
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -309,6 +312,16 @@ class MergeParams:
 
 
 @dataclass(frozen=True)
+class ExportParams:
+    types: Annotated[list, EXPORT_TYPES]
+    parity_prompts: Annotated[int, COUNT]  # eval prompts measured in llama.cpp
+    parity_tokens: Annotated[int, COUNT]  # greedy tokens compared a prompt
+    min_agreement_16bit: Annotated[float, Range(0, 1)]  # f16, bf16: share of greedy tokens equal to merged's
+    max_ppl_change_q8_0: Annotated[float, NON_NEGATIVE]  # |answer perplexity / merged's - 1|
+    max_ppl_change_q4_k_m: Annotated[float, NON_NEGATIVE]
+
+
+@dataclass(frozen=True)
 class WandbParams:
     mode: Literal["offline", "online", "disabled"]
     project: Annotated[str, WANDB_PROJECT]
@@ -327,6 +340,7 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     merge: MergeParams
+    export: ExportParams
     wandb: WandbParams
     leakage: LeakageParams
 

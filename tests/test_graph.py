@@ -209,6 +209,12 @@ STALE = {
     "merge.dtype": ("merge",),
     "merge.parity_prompts": ("merge",),  # parity.json is part of models/merged
     "merge.parity_tolerance": ("merge",),
+    "export.types": ("export",),
+    "export.parity_prompts": ("export",),  # parity.json is part of models/gguf
+    "export.parity_tokens": ("export",),
+    "export.min_agreement_16bit": ("export",),  # whether the stage passes
+    "export.max_ppl_change_q8_0": ("export",),
+    "export.max_ppl_change_q4_k_m": ("export",),
     "wandb.mode": NOTHING,  # tracking
     "wandb.project": NOTHING,
     "wandb.entity": NOTHING,

@@ -182,6 +182,9 @@ OUT_OF_DOMAIN = [
     ("evaluate.max_generate_rows", -1),
     ("merge.into", "lora"), ("merge.dtype", "int8"), ("merge.parity_prompts", -1), ("merge.parity_prompts", 0),
     ("merge.parity_tolerance", 0), ("merge.parity_tolerance", -0.5),
+    ("export.types", ["q4_0"]), ("export.types", ["f16", "f16"]), ("export.types", "f16"),
+    ("export.parity_prompts", 0), ("export.parity_tokens", 0), ("export.min_agreement_16bit", 1.5),
+    ("export.max_ppl_change_q8_0", -0.01), ("export.max_ppl_change_q4_k_m", "10%"),
     ("wandb.mode", "on"), ("wandb.project", "team/finetune"), ("wandb.project", ""), ("wandb.project", "x" * 129),
     ("wandb.entity", ""),
     ("data.train", ""), ("data.train", "/abs/train.jsonl"), ("data.eval", "../outside.jsonl"),
@@ -265,7 +268,7 @@ THROUGH_CLI = [("evaluate.batch_size", -1), ("train.epochs", 0), ("lora.alpha", 
                ("lora.r", 0), ("train.gradient_accumulation_steps", 0), ("train.lr_scheduler", "cosinus"),
                ("train.optimizer", "adamw"), ("seed", -1), ("model.source", ""), ("data.field_map", {"q": "question"}),
                ("template.name", "llama"), ("validate.max_reject_fraction", 1.5), ("tokenize.max_length", 1),
-               ("wandb.mode", "on"), ("leakage.action", "warn")]
+               ("wandb.mode", "on"), ("leakage.action", "warn"), ("export.types", ["q4_0"])]
 
 
 def test_the_cli_cases_cover_every_section():
