@@ -40,28 +40,6 @@ log = logging.getLogger("finetune")
 
 # --- prompts (no model) ---------------------------------------------------------------------------
 
-def ids_tokenizer(folder: Path):
-    """tokenize's encoder for the tokenizer in `folder` and its EOS id: models/base, or a merged folder
-    (no base.json: EOS is its tokenizer_config.json's eos_token, as import_base read it for the base)."""
-    if (folder / "base.json").exists():
-        return tokens.load_tokenizer(folder)
-    import json
-
-    from tokenizers import Tokenizer
-
-    if not (folder / "tokenizer.json").exists():
-        raise StageError(f"{folder}: no tokenizer.json (a merged model folder holds its tokenizer: run `finetune merge`)")
-    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    tokenizer.no_truncation()  # as tokens.load_tokenizer
-    tokenizer.no_padding()
-    config = json.loads((folder / "tokenizer_config.json").read_text()) if (folder / "tokenizer_config.json").exists() else {}
-    eos = config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if eos is None or tokenizer.token_to_id(eos) is None:
-        raise StageError(f"{folder}/tokenizer_config.json: no eos_token the tokenizer knows (got {eos!r}); "
-                         "re-run `finetune merge` to write the folder's tokenizer")
-    return tokenizer, tokenizer.token_to_id(eos)
-
 
 class Conversation:
     """A session's turns, and the prompt ids for the next question as format + tokenize would make them
@@ -72,7 +50,7 @@ class Conversation:
         self.template = TemplateParams(**{"train_on": "last", **record["params"]["template"]})
         self.max_length = record["params"]["tokenize"]["max_length"]
         self.tokenizer_dir = tokenizer_dir
-        self.tokenizer, self.eos_id = ids_tokenizer(tokenizer_dir)
+        self.tokenizer, self.eos_id = tokens.model_tokenizer(tokenizer_dir)
         self.layout = tokens.layout(self.tokenizer)
         self.history: list[dict] = []
 

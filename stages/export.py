@@ -255,11 +255,11 @@ def breach(gguf_type: str, figures: dict, p: ExportParams) -> str | None:
 
 
 def parity(merged: Path, folder: Path, rows: list[dict], p: ExportParams) -> dict:
-    tokenizer = tokenizer_of(merged)
+    tokenizer, eos_id = tokens.model_tokenizer(merged)
     lay = tokens.layout(tokenizer)
-    prompts = tokens.prompt_ids(rows, tokenizer, lay)
+    prompts = tokens.prompt_ids(rows, tokenizer, lay, eos_id)
     eos = eos_ids(merged)
-    full = [ids + [min(eos)] for ids in tokens.prompt_ids(rows, tokenizer, lay, completion=True)]  # + EOS, as trained
+    full = [ids + [eos_id] for ids in tokens.prompt_ids(rows, tokenizer, lay, eos_id, completion=True)]  # + EOS, as trained
     ref = reference(merged, prompts, full, eos, p.parity_tokens)
     llama = llama_cpp()
     report = {
@@ -277,16 +277,6 @@ def parity(merged: Path, folder: Path, rows: list[dict], p: ExportParams) -> dic
                  "%+.2f%%", t, 100 * figures["agreement"], 100 * figures["free_running"]["agreement"],
                  figures["free_running"]["identical_answers"], len(rows), 100 * figures["ppl_change"])
     return report
-
-
-def tokenizer_of(merged: Path):
-    """The merged folder's fast tokenizer (the base's, as merge saved it) as stages/tokens.py uses it."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(merged / "tokenizer.json"))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
 
 
 def eos_ids(merged: Path) -> set[int]:
@@ -343,7 +333,7 @@ def modelfile(merged: Path, record: dict, types: list[str]) -> str:
         go, stops = chat_go_template(merged)
     else:
         go, stops = GO_TEMPLATES[name], list(STOPS[name])
-    eos_text = [tokenizer_of(merged).id_to_token(i) for i in sorted(eos_ids(merged))]
+    eos_text = [tokens.model_tokenizer(merged)[0].id_to_token(i) for i in sorted(eos_ids(merged))]
     stops += [s for s in eos_text if s and s not in stops]
     source = "q4_k_m" if "q4_k_m" in types else types[0]
     lines = [f"# ollama create NAME -f Modelfile  (the prompt template the model was trained with: {name})",

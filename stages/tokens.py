@@ -38,6 +38,27 @@ def load_tokenizer(base: Path):
     return tokenizer, meta["eos_token_id"]
 
 
+def model_tokenizer(folder: Path):
+    """tokenize's encoder for the tokenizer in `folder` and its EOS id: models/base, or a merged folder
+    (no base.json: EOS is its tokenizer_config.json's eos_token, as import_base read it for the base)."""
+    if (folder / "base.json").exists():
+        return load_tokenizer(folder)
+    from tokenizers import Tokenizer
+
+    if not (folder / "tokenizer.json").exists():
+        raise StageError(f"{folder}: no tokenizer.json (a merged model folder holds its tokenizer: run `finetune merge`)")
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_truncation()  # as load_tokenizer
+    tokenizer.no_padding()
+    config = orjson.loads((folder / "tokenizer_config.json").read_bytes()) if (folder / "tokenizer_config.json").exists() else {}
+    eos = config.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos is None or tokenizer.token_to_id(eos) is None:
+        raise StageError(f"{folder}/tokenizer_config.json: no eos_token the tokenizer knows (got {eos!r}); "
+                         "re-run `finetune merge` to write the folder's tokenizer")
+    return tokenizer, tokenizer.token_to_id(eos)
+
+
 @dataclass(frozen=True)
 class Layout:
     """The special tokens the tokenizer's post-processor puts before (e.g. BOS) and after one text."""

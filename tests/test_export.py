@@ -127,7 +127,8 @@ def test_parity_figures_are_measured_in_llama_cpp_and_listed_as_metrics(exported
     assert json.loads((folder / "parity.json").read_text()) == json.loads(json.dumps(report))
     rows = list(read_jsonl(prompts))
     tokenizer = Tokenizer.from_file(str(merged / "tokenizer.json"))
-    ids = tokens.prompt_ids(rows, tokenizer, tokens.layout(tokenizer))
+    eos_id = tokenizer.token_to_id(json.loads((merged / "tokenizer_config.json").read_text())["eos_token"])
+    ids = tokens.prompt_ids(rows, tokenizer, tokens.layout(tokenizer), eos_id)
     assert report["prompts"] == [r["id"] for r in rows] and report["measured_in"].startswith("llama.cpp")
     for t in TYPES:
         figures = report["types"][t]
@@ -173,7 +174,7 @@ def test_the_modelfile_template_renders_a_question_as_format_does(merged, name, 
     from stages.params import TemplateParams
 
     row = raw_rows(1)[0]
-    template = TemplateParams(name=name, system_prompt=system)
+    template = TemplateParams(name=name, system_prompt=system, train_on="all")
     want = next(format.format_rows([row], template, merged))["prompt"]
     record = {"params": {"template": {"name": name, "system_prompt": system}}}
     go, shown_system, stops, source = modelfile_parts(export.modelfile(merged, record, ["f16", "q4_k_m"]))
