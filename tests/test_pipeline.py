@@ -113,7 +113,8 @@ def test_editing_one_train_row_reruns_only_its_downstream_and_lineage_notices(pr
         bad = sh("finetune lineage models/merged --verify", project, check=False)
         assert bad.returncode == 1 and "data/raw/train.jsonl" in bad.stderr
         ran = STAGES_RUN.findall(sh("dvc repro", project).stdout)
-        assert ran == ["validate@train", "mix", "format@train", "tokenize@train", "train", "evaluate", "merge"]
+        assert ran == ["validate@train", "mix", "format@train", "tokenize@train", "train", "evaluate", "merge", "export",
+                       "report"]
         sh("finetune lineage models/merged --verify", project)
     finally:
         restore(project)
@@ -130,7 +131,8 @@ def test_retraining_with_the_same_data_params_and_seed_gives_the_same_adapter_by
         lineage_after = json.loads((project / "models/adapter/lineage.json").read_text())
         assert {k: v for k, v in lineage_after.items() if lineage_before.get(k) != v} == {}
         assert tree_digest(project / "models/adapter") == folder  # the whole folder: lineage.json, config too
-        assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == []  # so evaluate and merge are skipped
+        # so evaluate, merge and export are skipped; the report shows this run's train metrics (its times)
+        assert STAGES_RUN.findall(sh("dvc repro", project).stdout) == ["report"]
     finally:
         restore(project)
 
@@ -322,7 +324,7 @@ def test_exp_run_lora_variants_and_full_fine_tune_each_produce_what_they_say(pro
         assert torch.equal(layer.base_layer.weight, base.model.layers[0].self_attn.q_proj.weight)
         assert parity()["top1_agreement"] > 0.9
 
-        assert exp_run("-S train.method=full -S model.quantize=none") == ["train", "evaluate", "merge"]
+        assert exp_run("-S train.method=full -S model.quantize=none") == ["train", "evaluate", "merge", "export", "report"]
         assert not (adapter / "adapter_config.json").exists()
         assert {"config.json", "model.safetensors", "lineage.json", "tokenizer.json"} <= {f.name for f in
                                                                                         adapter.iterdir()}
