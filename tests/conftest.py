@@ -84,11 +84,11 @@ def tiny_base(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def copy_project(dest: Path) -> Path:
-    """The project's tracked files (code, dvc.yaml, params, data) in a fresh git + DVC repo."""
+    """The project's tracked files (code, dvc.yaml, params, data) in a fresh git + DVC repo: no results of
+    the project's own run (dvc.lock, metrics, plots, reports, dvclive)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     for f in files:
-        if f.startswith(("tests/", "benchmarks/")) or f == "dvc.lock" or f.startswith("metrics/") \
-                or f.startswith("plots/") or f.startswith("reports/"):
+        if f.startswith(("tests/", "benchmarks/", "metrics/", "plots/", "reports/", "dvclive/")) or f == "dvc.lock":
             continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, dest / f)

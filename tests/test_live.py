@@ -40,7 +40,15 @@ def test_dvc_exp_show_follows_a_queued_experiment_step_by_step(tmp_path, tiny_mo
         sh("dvc queue start >/dev/null 2>&1", root)  # the worker it leaves must not hold our pipes open
         seen, polls, started = [], [], time.monotonic()
         while time.monotonic() < started + 400:
-            shown = json.loads(sh("dvc exp show --json", root).stdout)
+            proc = sh("dvc exp show --json", root, check=False)
+            if proc.returncode != 0 and ".dvc/tmp/exps/" in proc.stderr:
+                # DVC 3.67's own race: exp show opened the running experiment's temporary copy just as the
+                # worker removed it at the end (seen once in CI); the next poll sees the finished experiment
+                polls.append((round(time.monotonic() - started, 1), "exp show raced the cleanup", []))
+                time.sleep(0.5)
+                continue
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            shown = json.loads(proc.stdout)
             states = [(e.get("executor") or {}).get("state") for b in shown for e in b.get("experiments") or []]
             rows = running_rows(shown)
             polls.append((round(time.monotonic() - started, 1), states, [r["step"] for r in rows]))
