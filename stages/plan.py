@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from stages import tokens
 from stages.batching import token_bins
 from stages.errors import StageError
 from stages.params import Params, source_kind
@@ -423,22 +424,10 @@ def base_shape(base: Path, params: Params) -> Shape:
 
 
 def read_lengths(train_data: Path) -> np.ndarray:
-    """Token lengths of a tokenized split, in row order, from its Arrow shards (no datasets, no torch)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    """Token lengths of a tokenized split, in row order (stages/tokens.py: no datasets, no torch)."""
     if not train_data.is_dir():
         raise StageError(f"{train_data}: no tokenized train split (run `finetune tokenize` or `dvc repro tokenize`)")
-    state = train_data / "state.json"
-    files = ([train_data / f["filename"] for f in orjson.loads(state.read_bytes())["_data_files"]]
-             if state.exists() else sorted(train_data.glob("*.arrow")))
-    parts = []
-    for f in files:
-        with pa.memory_map(str(f)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        parts.append(table["length"].to_numpy() if "length" in table.column_names
-                     else pc.list_value_length(table["input_ids"]).to_numpy())
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.asarray(tokens.tokenized_lengths(train_data), dtype=np.int64)
 
 
 def hardware(params: Params, gpu: str | None, gpus: int | None) -> Hardware:

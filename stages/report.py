@@ -42,6 +42,7 @@ from pathlib import Path
 import orjson
 
 from stages import lineage as lin
+from stages import tokens
 from stages.errors import StageError
 from stages.jsonl import read_jsonl
 from stages.outputs import staged
@@ -495,28 +496,6 @@ def read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def read_lengths(folder: Path) -> list[int]:
-    """The `length` column of a tokenized dataset's Arrow shards (the token count of each row)."""
-    import pyarrow as pa
-
-    state = folder / "state.json"
-    if not state.is_file():
-        raise StageError(f"{folder}: not a tokenized dataset (no state.json); run `dvc repro tokenize`")
-    files = [folder / f["filename"] for f in read_json(state).get("_data_files", [])]
-    out: list[int] = []
-    for path in files:
-        try:
-            with pa.memory_map(str(path)) as source:
-                shard = pa.ipc.open_stream(source).read_all()
-        except (OSError, pa.ArrowInvalid) as e:
-            raise StageError(f"{path}: unreadable Arrow shard ({e}); re-run `dvc repro -f tokenize`") from e
-        if "length" not in shard.column_names:
-            raise StageError(f"{path}: no `length` column (a dataset from an older tokenize); re-run "
-                             "`dvc repro -f tokenize`")
-        out += shard.column("length").to_pylist()
-    return out
-
-
 def run(validate: list[Path], tokenize: list[Path], tokenized: list[Path], loss: Path, eval_loss: Path,
         train_metrics: Path, eval_metrics: Path, samples: Path, merge_parity: Path, lineage: Path,
         export_parity: Path | None, output: Path, screenshot: Path | None = None) -> dict | None:
@@ -536,7 +515,7 @@ def run(validate: list[Path], tokenize: list[Path], tokenized: list[Path], loss:
         raise StageError(f"{samples}: a row that is not a JSON object; re-run evaluate (`dvc repro -f evaluate`)")
     page = render(
         splits, [read_json(p) for p in validate], [read_json(p) for p in tokenize],
-        {s: read_lengths(p) for s, p in zip(splits, tokenized)}, read_csv(loss), read_csv(eval_loss),
+        {s: tokens.tokenized_lengths(p) for s, p in zip(splits, tokenized)}, read_csv(loss), read_csv(eval_loss),
         read_json(train_metrics), read_json(eval_metrics), sample_rows, read_json(merge_parity),
         read_json(export_parity) if export_parity is not None else None, read_json(lineage))
     seen = None

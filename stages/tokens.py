@@ -38,6 +38,29 @@ def load_tokenizer(base: Path):
     return tokenizer, meta["eos_token_id"]
 
 
+def tokenized_lengths(folder: Path) -> list[int]:
+    """The `length` column (tokens a row) of a tokenized split, in row order, from the Arrow shards its
+    state.json lists: no datasets, no torch (the run report's histogram, `finetune plan`)."""
+    import pyarrow as pa
+
+    state = folder / "state.json"
+    if not state.is_file():
+        raise StageError(f"{folder}: not a tokenized dataset (no state.json); run `dvc repro tokenize`")
+    out: list[int] = []
+    for f in orjson.loads(state.read_bytes()).get("_data_files", []):
+        path = folder / f["filename"]
+        try:
+            with pa.memory_map(str(path)) as source:
+                shard = pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowInvalid) as e:
+            raise StageError(f"{path}: unreadable Arrow shard ({e}); re-run `dvc repro -f tokenize`") from e
+        if "length" not in shard.column_names:
+            raise StageError(f"{path}: no `length` column (a dataset from an older tokenize); re-run "
+                             "`dvc repro -f tokenize`")
+        out += shard.column("length").to_pylist()
+    return out
+
+
 def model_tokenizer(folder: Path):
     """tokenize's encoder for the tokenizer in `folder` and its EOS id: models/base, or a merged folder
     (no base.json: EOS is its tokenizer_config.json's eos_token, as import_base read it for the base)."""
