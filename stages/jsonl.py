@@ -8,6 +8,7 @@ Large inputs are cut into blocks of whole lines (`block_spans`), which `map_orde
 processes with a bounded number in flight: results come back in input order and memory stays flat
 (a few blocks of ~4 MiB) however long the file is. The workers end with the stage's process, even
 when it is killed (SIGKILL): none is left computing, or waiting forever, under PID 1.
+A split's input is one JSONL file or a folder of them (`sources`: validate reads them, lineage hashes them).
 """
 
 from __future__ import annotations
@@ -229,3 +230,21 @@ def weights_hash(files: list[Path]) -> tuple[str, int]:
                     n *= d
                 n_params += n
     return h.hexdigest(), n_params
+
+
+def sources(input: Path) -> list[tuple[str, Path]]:
+    """(source name, path) of each input file: a folder's `*.jsonl` files by name (the split's sources),
+    or the one file (a pipe too) named by its file name. Anything else in a folder is refused rather
+    than skipped, so no line is left out unseen; hidden files (.gitignore...) are not data."""
+    if not input.is_dir():
+        if not input.exists():
+            raise StageError(f"{input}: no such file or folder (point --input at a JSONL file, or a folder of them)")
+        return [(input.name, input)]
+    files = sorted(p for p in input.iterdir() if not p.name.startswith("."))
+    other = [p for p in files if not (p.is_file() and p.suffix == ".jsonl")]
+    if other:
+        raise StageError(f"{other[0]}: not a .jsonl file, in the source folder {input} (every file there is a "
+                         "source of the split): move it out, or rename it *.jsonl if it is one")
+    if not files:
+        raise StageError(f"{input}: a source folder with no .jsonl file in it (put the split's JSONL files there)")
+    return [(p.name, p) for p in files]

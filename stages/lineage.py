@@ -37,6 +37,7 @@ import orjson
 
 from stages.errors import StageError
 from stages.jsonl import file_md5, weights_hash
+from stages.jsonl import sources as split_sources
 from stages.params import ModelParams, Params, as_dict
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "dvc", "finetune")
@@ -100,12 +101,6 @@ def versions() -> dict:
     return out
 
 
-def data_files(paths: list[Path]) -> list[Path]:
-    """The files of these paths, a source folder standing for its .jsonl files (as validate reads them)."""
-    return [f for p in paths for f in (sorted(x for x in p.iterdir() if x.suffix == ".jsonl" and
-                                              not x.name.startswith(".")) if p.is_dir() else [p])]
-
-
 def row_sources(rows: Path) -> dict[str, str]:
     """id -> source of each row of a file of clean rows (mix's train output)."""
     from stages.jsonl import read_jsonl
@@ -119,7 +114,8 @@ def build(params: Params, base_meta: dict, data_paths: list[Path], ids: list[str
     `sources`: id -> source name of the train rows, to count the rows trained from each data file."""
     trained = Counter(sources.get(i) for i in ids) if sources is not None else None
     data = []
-    for p in data_files(data_paths):
+    # a folder stands for its sources, as validate reads them
+    for p in (f for path in data_paths for _, f in split_sources(path)):
         entry = {"path": str(p), "md5": file_md5(p), "source": p.name}
         if trained is not None:
             entry["rows_trained"] = trained.get(p.name, 0)

@@ -88,6 +88,7 @@ from stages.jsonl import (
     gc_paused,
     map_ordered,
     read_span,
+    sources,
     write_json,
 )
 from stages.outputs import staged
@@ -579,24 +580,6 @@ def block_bytes(source: BinaryIO, offset: int, size: int, start: int, end: int |
     for the reject of a duplicate, a few times a block."""
     source.seek(offset + start)
     return source.read((end or size) - start)
-
-
-def sources(input: Path) -> list[tuple[str, Path]]:
-    """(source name, path) of each input file: a folder's `*.jsonl` files by name (the split's sources),
-    or the one file (a pipe too) named by its file name. Anything else in a folder is refused rather
-    than skipped, so no line is left out unseen; hidden files (.gitignore...) are not data."""
-    if not input.is_dir():
-        if not input.exists():
-            raise StageError(f"{input}: no such file or folder (point --input at a JSONL file, or a folder of them)")
-        return [(input.name, input)]
-    files = sorted(p for p in input.iterdir() if not p.name.startswith("."))
-    other = [p for p in files if not (p.is_file() and p.suffix == ".jsonl")]
-    if other:
-        raise StageError(f"{other[0]}: not a .jsonl file, in the source folder {input} (every file there is a "
-                         "source of the split): move it out, or rename it *.jsonl if it is one")
-    if not files:
-        raise StageError(f"{input}: a source folder with no .jsonl file in it (put the split's JSONL files there)")
-    return [(p.name, p) for p in files]
 
 
 def run(input: Path, output: Path, rejects: Path, report: Path | None, data: DataParams,
