@@ -47,16 +47,41 @@ sys.path.insert(0, str(ROOT))
 
 
 def stage_commands(dvc_yaml: Path) -> list[tuple[str, str]]:
-    """(name, command) for every stage of dvc.yaml in file order (which is dependency order here)."""
+    """(name, command) for every stage of dvc.yaml in file order (which is dependency order here), with
+    DVC's templating resolved as `dvc repro` would: foreach over a list (${item}) or a mapping (${key},
+    ${item}), and ${a.b} from the params.yaml beside dvc.yaml."""
+    import re
+
     from ruamel.yaml import YAML
+
+    params = YAML(typ="safe").load((dvc_yaml.parent / "params.yaml").read_text())
+
+    def resolve(text, local: dict):
+        def value(m: re.Match):
+            name = m.group(1)
+            if name in local:
+                return local[name]
+            node = params
+            for k in name.split("."):
+                node = node[k]
+            return node
+
+        whole = re.fullmatch(r"\$\{([\w.]+)\}", text.strip())
+        if whole:  # a lone reference keeps its type (a foreach over ${data.train}'s value)
+            return value(whole)
+        return re.sub(r"\$\{([\w.]+)\}", lambda m: str(value(m)), text)
 
     out = []
     for name, stage in YAML(typ="safe").load(dvc_yaml.read_text())["stages"].items():
-        if "foreach" in stage:
-            for item in stage["foreach"]:
-                out.append((f"{name}@{item}", stage["do"]["cmd"].replace("${item}", str(item))))
-        else:
-            out.append((name, stage["cmd"]))
+        if "foreach" not in stage:
+            out.append((name, resolve(stage["cmd"], {})))
+            continue
+        items = stage["foreach"]
+        pairs = ([(k, resolve(v, {}) if isinstance(v, str) else v) for k, v in items.items()]
+                 if isinstance(items, dict) else [(None, v) for v in items])
+        for key, item in pairs:
+            local = {"item": item} if key is None else {"key": key, "item": item}
+            out.append((f"{name}@{key if key is not None else item}", resolve(stage["do"]["cmd"], local)))
     return out
 
 
@@ -227,6 +252,9 @@ def main() -> None:
         write_params(work, a.set)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     times, memory = {}, {}
+    out = Path(os.environ.get("OUT") or ROOT / "benchmarks/results")
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / ("gpu_pipeline_7b.partial.json" if a.mistral7b else "gpu_pipeline.partial.json")
     for name, cmd in stage_commands(work / "dvc.yaml"):
         cmd = cmd.replace("finetune ", f"{sys.executable} -m stages.cli ", 1)
         print(f"== {name}: {cmd}", flush=True)
@@ -235,8 +263,11 @@ def main() -> None:
         watch = Watch(proc.pid)
         proc.wait()
         times[name], memory[name] = round(time.perf_counter() - t0, 1), watch.stop()
+        partial.write_text(json.dumps({"stage_seconds": times, "stage_memory": memory}, indent=1))  # a cut run keeps these
+        print(f"== {name}: {times[name]} s, peak host {memory[name]['peak_host_gib']:.2f} GiB, peak GPU "
+              f"{memory[name]['peak_gpu_used_gib']:.2f} GiB", flush=True)
         if proc.returncode != 0:
-            sys.exit(f"{name} failed (exit {proc.returncode})")
+            sys.exit(f"{name} failed (exit {proc.returncode}); stage times so far in {partial}")
 
     def read(p: str) -> dict:
         return json.loads((work / p).read_text())
@@ -258,8 +289,7 @@ def main() -> None:
               "stage_seconds": times, "stage_memory": memory, "train_split": train_split, "train": train,
               "eval": ev, "merge_parity": parity, "reload_check": check,
               "data_rows": {"train": a.train_rows, "eval": a.eval_rows} if a.mistral7b else "shipped sample"}
-    out = Path(os.environ.get("OUT") or ROOT / "benchmarks/results")
-    out.mkdir(parents=True, exist_ok=True)
+    partial.unlink()
     (out / ("gpu_pipeline_7b.json" if a.mistral7b else "gpu_pipeline.json")).write_text(json.dumps(result, indent=1))
 
     total = sum(times.values())

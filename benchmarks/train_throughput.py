@@ -81,6 +81,7 @@ def prepare(work: Path, model_dir: str) -> tuple[Path, Path]:
 
 def cmd_ours(a) -> None:
     """One configuration of our train stage, in this process."""
+    import stages.cli  # noqa: F401  (the stage's CUDA allocator setting, as `finetune train` has it)
     import torch
 
     from stages import train

@@ -122,15 +122,19 @@ def extra_eos(model_and_tokenizer, eval_data, prompt_ids_of):
 
 @pytest.mark.parametrize("name", ["base", "tuned"])
 @pytest.mark.parametrize("early", [False, True], ids=["own-eos", "extra-eos"])
+@pytest.mark.parametrize("cache", ["cpu", "cuda"], ids=["dynamic-cache", "static-cache"])
 def test_sorted_batched_generation_equals_per_row_greedy(model_and_tokenizer, eval_data, prompt_ids_of, request, name,
-                                                          early):
+                                                          early, cache):
+    """The stage's batched generation gives each row's own greedy answer, with the KV cache either device
+    gets (kv_cache: the GPU's static cache is run here on CPU)."""
     model, tokenizer = model_and_tokenizer
     if early:
         request.getfixturevalue("extra_eos")
     prompts = prompt_ids_of(prompts_of(eval_data[0]))
     ref_answers, ref_counts, _ = reference(model, tokenizer, prompts, name)
     with model.disable_adapter() if name == "base" else torch.no_grad():
-        answers, generated = evaluate.generate(model, tokenizer, prompts, 8, NEW_TOKENS)
+        answers, generated = evaluate.generate(model, tokenizer, prompts, 8, NEW_TOKENS,
+                                               **evaluate.kv_cache(torch.device(cache)))
     assert answers == ref_answers  # same answers, in input order
     assert generated == sum(ref_counts)
     if early and name == "tuned":
@@ -266,6 +270,9 @@ def test_decoding_with_torchs_grouped_query_attention_gives_sdpas_tokens(tiny_mo
     mask[0, :7] = mask[1, :3] = 0
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=2)
     assert torch.equal(ours.generate(**kwargs), ref.generate(**kwargs))
+    static = evaluate.kv_cache(torch.device("cuda"))  # the GPU's cache: the mask spans the whole static length
+    assert static["cache_implementation"] == "static"
+    assert torch.equal(ours.generate(**kwargs, **static), ref.generate(**kwargs))
     with torch.no_grad():
         step = dict(input_ids=ids, attention_mask=mask)
         assert torch.allclose(ours(**step).logits, ref(**step).logits, atol=1e-5)
