@@ -137,6 +137,8 @@ def _protocols(url: str) -> list[str]:
 
 def _sync_ok(url: str) -> bool:
     protocols = _protocols(url)
+    if protocols and set("?#") & set(url):  # the run id would be appended after the query: a wrong path
+        return False
     if protocols:
         import fsspec
 
@@ -175,7 +177,8 @@ LORA_INIT = Check(_init_ok, "one of default, gaussian, pissa, pissa_niter_N (N s
 MODULE_LIST = Check(lambda v: all(map(_text, v)), "a list of module names (e.g. [lm_head] or [embed_tokens]), or []")
 SYNC = Check(lambda v: _text(v) and _sync_ok(v),
              "a local folder, or a URL whose scheme fsspec knows (s3://, gs://, az://, ssh://, hf://, "
-             "file://, ...: fsspec.available_protocols())")
+             "file://, ...: fsspec.available_protocols()) without ? or # (options go in fsspec's config or the "
+             "environment, e.g. AWS_REGION)")
 LAUNCH = Check(lambda v: v in ("auto", "none") or Path(v).is_file(),
                "auto, none, or the path of an accelerate config file that exists")
 WANDB_PROJECT = Check(lambda v: _text(v) and len(v) <= 128 and not set("/\\#?%:") & set(v),
@@ -410,10 +413,10 @@ def _ok(value: Any, tp: Any) -> bool:
 
 
 def _shown(value: Any) -> str:
-    """repr(value) for a message, less what a URL may carry as secrets (user:token@, ?query)."""
-    if isinstance(value, str) and "://" in value:
-        value = re.sub(r"//[^/@]*@", "//***@", value.split("?", 1)[0])
-    return repr(value)
+    """repr(value) for a message, less what a URL may carry as secrets (user:token@, ?query): lineage.redact."""
+    from stages.lineage import redact  # (lineage imports this module)
+
+    return repr(redact(value))
 
 
 def _describe(tp: Any) -> str:
