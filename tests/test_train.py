@@ -139,3 +139,40 @@ def test_an_olora_adapter_is_saved_for_the_unmodified_base(tokenized, tiny_base,
         want = base(input_ids=ids).logits
         tuned = PeftModel.from_pretrained(load_base_model(tiny_base, p.model), tmp_path / "adapter").eval()
         assert float((tuned(input_ids=ids).logits - want).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("init", ["default", "pissa_niter_2", "olora"])
+def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_adapter(tokenized, tiny_base, tmp_path,
+                                                                                   monkeypatch, init):
+    """Killed after its step-3 checkpoint, the same run resumes from it and saves the adapter the
+    uninterrupted run saves. For pissa/olora the resumed process must derive the same residual base and
+    the same initial adapter (subtracted at the save) as the first one did."""
+    import torch
+    from safetensors.torch import load_file
+
+    p = shipped(tiny_base, lora={"init": init}, train={"max_steps": 6, "save_steps": 3, "eval_steps": 0})
+
+    def run(name: str) -> dict:
+        return train.run(tokenized, None, tiny_base, tmp_path / name, tmp_path / f"{name}.json",
+                         tmp_path / f"{name}-plots", tmp_path / "ckpt", [], p)
+
+    assert run("whole")["resumed_from_step"] == 0
+    step_end = train.ThroughputLog.on_step_end
+
+    def killed_at_step_4(self, args, state, control, **kw):
+        step_end(self, args, state, control, **kw)
+        if state.global_step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.ThroughputLog, "on_step_end", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run("resumed")
+    assert not (tmp_path / "resumed").exists() and list((tmp_path / "ckpt").glob("*/checkpoint-3"))
+    monkeypatch.undo()
+    assert run("resumed")["resumed_from_step"] == 3
+    whole = load_file(tmp_path / "whole/adapter_model.safetensors")
+    resumed = load_file(tmp_path / "resumed/adapter_model.safetensors")
+    assert whole.keys() == resumed.keys()
+    worst = max(float((whole[k] - resumed[k]).abs().max()) for k in whole)
+    assert worst < 1e-6, f"resumed adapter differs by {worst}"
+    assert max(float(v.abs().max()) for v in whole.values()) > 1e-3  # a trained adapter, not zeros
