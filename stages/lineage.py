@@ -189,6 +189,9 @@ def read(path: Path) -> dict:
                 return read_gguf(path)
         raise StageError(f"{path}: not a model folder or a GGUF file; pass models/adapter, models/merged or "
                          "a .gguf file made by `finetune export`")
+    if not path.exists():
+        raise StageError(f"{path}: no such file or folder; pass models/adapter, models/merged or a .gguf file "
+                         "made by `finetune export`")
     lineage_path = path / "lineage.json"
     if not lineage_path.exists():
         raise StageError(f"{lineage_path}: no lineage record (models/adapter and models/merged carry one; "

@@ -222,6 +222,7 @@ def test_a_gguf_without_lineage_is_one_line(tmp_path):
     write_gguf(tmp_path / "other.gguf", {"general.name": "someone else's model"})
     (tmp_path / "notes.txt").write_text("not a model\n")
     for name, message in [("other.gguf", "has no finetune.lineage metadata"),
-                          ("notes.txt", "not a model folder or a GGUF file")]:
+                          ("notes.txt", "not a model folder or a GGUF file"),
+                          ("typo.gguf", "typo.gguf: no such file or folder")]:
         proc = sh(f"finetune lineage {name}", tmp_path, check=False)
         assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
