@@ -9,7 +9,7 @@
               given the train rows with their sources, how many rows were trained on from it
               (`rows_trained`: copies counted, so a source weighted 2.0 counts each row twice)
   rows        how many rows were trained on and the sha256 of their ids, in order
-  params      the full params used, URLs redacted (`redact`)
+  params      the full params used, URLs redacted (`params.redact`)
   git         the last commit that changed the code, and whether the code had uncommitted changes
   dvc_experiment, versions of the libraries
 No timestamp: an identical retrain must give the same bytes, so DVC skips what depends on the adapter
@@ -28,7 +28,6 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import re
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -38,36 +37,9 @@ import orjson
 from stages.errors import StageError
 from stages.jsonl import file_md5, weights_hash
 from stages.jsonl import sources as split_sources
-from stages.params import ModelParams, Params, as_dict
+from stages.params import ModelParams, Params, as_dict, redact
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers", "dvc", "finetune")
-
-
-URL = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)(.*)", re.DOTALL)
-
-
-def redact(value):
-    """A URL without its credentials and query: `https://user:token@host/p?sig=x` -> `https://***@host/p?***`.
-    Userinfo is what comes before the '@' of the host part, read generously: up to the last '@' before
-    the host ends, when the text before the first '@' has a ':' or no '/?#' (so a secret with '/', '?'
-    or '@' in it, as in `s3://KEY:SE/CR@ET@bucket/path`, goes whole); the query and fragment go whole.
-    Dicts and lists are redacted throughout, other values come back unchanged. Everything written that
-    may hold a URL from params (lineage.json, so the model card and the W&B config, and log lines)
-    goes through here."""
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
-    m = URL.fullmatch(value) if isinstance(value, str) else None
-    if not m:
-        return value
-    scheme, rest = m.groups()
-    at = rest.find("@")
-    if at >= 0 and (":" in rest[:at] or not re.search(r"[/?#]", rest[:at])):
-        host_end = at + 1 + re.search(r"[/?#]|$", rest[at + 1:]).start()
-        rest = "***" + rest[rest.rindex("@", 0, host_end):]
-    cut = re.search(r"[?#]", rest)
-    return scheme + (rest[:cut.start()] + "?***" if cut else rest)
 
 
 def ids_hash(ids: list[str]) -> str:

@@ -412,10 +412,35 @@ def _ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _shown(value: Any) -> str:
-    """repr(value) for a message, less what a URL may carry as secrets (user:token@, ?query): lineage.redact."""
-    from stages.lineage import redact  # (lineage imports this module)
+URL = re.compile(r"(?i)([a-z][a-z0-9+.-]*://)(.*)", re.DOTALL)
 
+
+def redact(value):
+    """A URL without its credentials and query: `https://user:token@host/p?sig=x` -> `https://***@host/p?***`.
+    Userinfo is what comes before the '@' of the host part, read generously: up to the last '@' before
+    the host ends, when the text before the first '@' has a ':' or no '/?#' (so a secret with '/', '?'
+    or '@' in it, as in `s3://KEY:SE/CR@ET@bucket/path`, goes whole); the query and fragment go whole.
+    Dicts and lists are redacted throughout, other values come back unchanged. Everything written that
+    may hold a URL from params (lineage.json, so the model card and the W&B config, and log lines)
+    goes through here."""
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    m = URL.fullmatch(value) if isinstance(value, str) else None
+    if not m:
+        return value
+    scheme, rest = m.groups()
+    at = rest.find("@")
+    if at >= 0 and (":" in rest[:at] or not re.search(r"[/?#]", rest[:at])):
+        host_end = at + 1 + re.search(r"[/?#]|$", rest[at + 1:]).start()
+        rest = "***" + rest[rest.rindex("@", 0, host_end):]
+    cut = re.search(r"[?#]", rest)
+    return scheme + (rest[:cut.start()] + "?***" if cut else rest)
+
+
+def _shown(value: Any) -> str:
+    """repr(value) for a message, less what a URL may carry as secrets (user:token@, ?query)."""
     return repr(redact(value))
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from stages import lineage
 from stages import params as P
 from stages.params import ParamsError, load_params, parse_params
 
@@ -205,7 +204,7 @@ def test_out_of_domain_value_is_one_line_naming_key_value_and_domain(key, value)
     with pytest.raises(ParamsError) as e:
         parse_params(changed(key, value), "p.yaml")
     msg = str(e.value)
-    shown = repr(lineage.redact(value))  # a URL's credentials and query are not echoed
+    shown = repr(P.redact(value))  # a URL's credentials and query are not echoed
     assert msg.startswith(f"p.yaml: '{key}' must be ") and f"got {shown}" in msg and "\n" not in msg, msg
 
 

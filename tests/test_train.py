@@ -147,7 +147,6 @@ def test_a_run_resumed_from_its_checkpoint_ends_with_the_uninterrupted_runs_adap
     """Killed after its step-3 checkpoint, the same run resumes from it and saves the adapter the
     uninterrupted run saves. For pissa/olora the resumed process must derive the same residual base and
     the same initial adapter (subtracted at the save) as the first one did."""
-    import torch
     from safetensors.torch import load_file
 
     p = shipped(tiny_base, lora={"init": init}, train={"max_steps": 6, "save_steps": 3, "eval_steps": 0})
