@@ -185,13 +185,15 @@ def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def kv_cache(device: torch.device) -> dict:
+def kv_cache(model, device: torch.device) -> dict:
     """generate()'s KV cache: on a GPU one allocated per batch and written in place (transformers'
     StaticCache, eager, not compiled), instead of the DynamicCache that grows every layer's K and V by
     torch.cat at each step: at 7B on an H200 2,571 vs 1,175 tokens/s on a process's first pass, 3,112 vs
-    2,879 on its second (benchmarks/results/generation_warmup_h200_2026-12-01.json). On CPU the dynamic
-    cache: no faster there (70 vs 70 tokens/s)."""
-    return {"cache_implementation": "static", "disable_compile": True} if device.type == "cuda" else {}
+    2,879 on its second (benchmarks/results/generation_warmup_h200_2026-12-01.json). Only for model
+    classes that transformers marks as working with a static cache (_can_compile_fullgraph: Llama,
+    Mistral, Qwen2, Gemma, ...). On CPU the dynamic cache: no faster there (70 vs 70 tokens/s)."""
+    static = device.type == "cuda" and getattr(model, "_can_compile_fullgraph", False)
+    return {"cache_implementation": "static", "disable_compile": True} if static else {}
 
 
 @torch.no_grad()
@@ -207,7 +209,7 @@ def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, max_ne
     out: list[str] = [""] * len(prompts)
     generated = 0
     eos_ids = eos_ids_of(model)
-    generate_kwargs = {**kv_cache(device), **generate_kwargs}
+    generate_kwargs = {**kv_cache(model, device), **generate_kwargs}
     with tqdm(total=len(prompts), desc=desc, unit="rows", dynamic_ncols=True) as bar:
         for idx in length_batches([len(x) for x in prompts], batch_size):
             batch = left_padded([prompts[i] for i in idx], tokenizer.pad_token_id)

@@ -132,9 +132,10 @@ def test_sorted_batched_generation_equals_per_row_greedy(model_and_tokenizer, ev
         request.getfixturevalue("extra_eos")
     prompts = prompt_ids_of(prompts_of(eval_data[0]))
     ref_answers, ref_counts, _ = reference(model, tokenizer, prompts, name)
+    kv = evaluate.kv_cache(model, torch.device(cache))
+    assert bool(kv) == (cache == "cuda")  # the adapter-wrapped Llama takes the static cache on a GPU
     with model.disable_adapter() if name == "base" else torch.no_grad():
-        answers, generated = evaluate.generate(model, tokenizer, prompts, 8, NEW_TOKENS,
-                                               **evaluate.kv_cache(torch.device(cache)))
+        answers, generated = evaluate.generate(model, tokenizer, prompts, 8, NEW_TOKENS, **kv)
     assert answers == ref_answers  # same answers, in input order
     assert generated == sum(ref_counts)
     if early and name == "tuned":
@@ -270,8 +271,11 @@ def test_decoding_with_torchs_grouped_query_attention_gives_sdpas_tokens(tiny_mo
     mask[0, :7] = mask[1, :3] = 0
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=2)
     assert torch.equal(ours.generate(**kwargs), ref.generate(**kwargs))
-    static = evaluate.kv_cache(torch.device("cuda"))  # the GPU's cache: the mask spans the whole static length
+    static = evaluate.kv_cache(ours, torch.device("cuda"))  # the GPU's cache: the mask spans the whole static length
     assert static["cache_implementation"] == "static"
+    ours._can_compile_fullgraph = False  # a model class transformers does not mark as static-cache-safe
+    assert evaluate.kv_cache(ours, torch.device("cuda")) == {}
+    del ours._can_compile_fullgraph
     assert torch.equal(ours.generate(**kwargs, **static), ref.generate(**kwargs))
     with torch.no_grad():
         step = dict(input_ids=ids, attention_mask=mask)
