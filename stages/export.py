@@ -293,10 +293,15 @@ def eos_ids(merged: Path) -> set[int]:
 ALPACA_PREAMBLE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
+# qa and alpaca over the whole conversation (Ollama passes it as .Messages to a TEMPLATE that ranges over
+# it; .System holds the system turn): the earlier turns as format renders a multi-turn row, the last
+# question left open for the answer (stages/format.py render_qa, render_alpaca)
 GO_TEMPLATES = {
-    "qa": "{{ if .System }}{{ .System }}\n{{ end }}### Question: {{ .Prompt }}\n ### Answer:",
-    "alpaca": "{{ if .System }}{{ .System }}{{ else }}" + ALPACA_PREAMBLE
-              + "{{ end }}\n\n### Instruction:\n{{ .Prompt }}\n\n### Response:\n",
+    "qa": '{{ if .System }}{{ .System }}\n{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}### Question: '
+          '{{ .Content }}\n{{ else if eq .Role "assistant" }} ### Answer: {{ .Content }}\n{{ end }}{{ end }} ### Answer:',
+    "alpaca": "{{ if .System }}{{ .System }}{{ else }}" + ALPACA_PREAMBLE + '{{ end }}{{ range .Messages }}'
+              '{{ if eq .Role "user" }}\n\n### Instruction:\n{{ .Content }}{{ else if eq .Role "assistant" }}'
+              '\n\n### Response:\n{{ .Content }}{{ end }}{{ end }}\n\n### Response:\n',
 }
 STOPS = {"qa": ["### Question:"], "alpaca": ["### Instruction:"]}
 

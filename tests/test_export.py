@@ -149,15 +149,46 @@ def test_parity_figures_are_measured_in_llama_cpp_and_listed_as_metrics(exported
 # --- the Ollama Modelfile ------------------------------------------------------------------------------
 
 def go_render(template: str, values: dict) -> str:
-    """Go text/template, the subset the Modelfile uses: {{ .Name }}, {{ if .Name }}...{{ else }}...{{ end }}
-    (no nesting)."""
-    def cond(m):
-        return m.group(2) if values.get(m.group(1)) else (m.group(3) or "")
+    """Go text/template, the subset the Modelfile uses: {{ .Name }}, {{ if .Name }}, {{ if eq .Name "x" }},
+    {{ else if ... }}, {{ else }}, {{ end }} and {{ range .Messages }} (each message's .Role, .Content)."""
+    tokens = re.split(r"(\{\{ .*? \}\})", template)
 
-    out = re.sub(r"\{\{ if \.(\w+) \}\}(.*?)(?:\{\{ else \}\}(.*?))?\{\{ end \}\}", cond, template, flags=re.S)
-    out = re.sub(r"\{\{ \.(\w+) \}\}", lambda m: values.get(m.group(1)) or "", out)
-    assert "{{" not in out, out
-    return out
+    def test(cond: str, scope: dict) -> bool:
+        m = re.fullmatch(r'eq \.(\w+) "(.*)"', cond)
+        return scope.get(m.group(1)) == m.group(2) if m else bool(scope.get(cond.lstrip(".")))
+
+    def block(i: int, scope: dict, stop=("end",)) -> tuple[str, int, str]:
+        """Rendered text from token i up to one of `stop` (not rendered), the index of that token, the action."""
+        out = ""
+        while i < len(tokens):
+            t = tokens[i]
+            action = t[3:-3] if t.startswith("{{ ") else None
+            if action is None:
+                out, i = out + t, i + 1
+            elif action == "end" or action == "else" or action.startswith("else if "):
+                assert action.split(" ")[0] in stop or action in stop, action
+                return out, i, action
+            elif action.startswith("range ."):
+                start = i + 1
+                for item in scope.get(action[7:]) or [{}]:
+                    text, i, _ = block(start, {**scope, **item})
+                    out += text if scope.get(action[7:]) else ""
+                i += 1
+            elif action.startswith("if "):
+                taken, cond = False, action[3:]
+                while True:
+                    text, i, how = block(i + 1, scope, ("end", "else"))
+                    if not taken and (cond is None or test(cond, scope)):
+                        out, taken = out + text, True
+                    if how == "end":
+                        break
+                    cond = how[8:] if how.startswith("else if ") else None
+                i += 1
+            else:
+                out, i = out + (scope.get(action.lstrip(".")) or ""), i + 1
+        return out, i, ""
+
+    return block(0, values)[0]
 
 
 def modelfile_parts(text: str) -> tuple[str, str | None, list[str], str]:
@@ -165,6 +196,32 @@ def modelfile_parts(text: str) -> tuple[str, str | None, list[str], str]:
     system = re.search(r'^SYSTEM """(.*?)"""$', text, re.S | re.M)
     stops = [json.loads(s) for s in re.findall(r"^PARAMETER stop (.*)$", text, re.M)]
     return template, system and system.group(1), stops, re.search(r"^FROM (.*)$", text, re.M).group(1)
+
+
+def test_go_render_follows_go_templates_on_the_constructs_the_modelfile_uses():
+    t = '{{ if .System }}S={{ .System }};{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}U:{{ .Content }}' \
+        '{{ else if eq .Role "assistant" }}A:{{ .Content }}{{ else }}?{{ end }}|{{ end }}end'
+    msgs = [{"Role": "user", "Content": "q"}, {"Role": "assistant", "Content": "a"}, {"Role": "tool", "Content": "x"}]
+    assert go_render(t, {"System": "s", "Messages": msgs}) == "S=s;U:q|A:a|?|end"
+    assert go_render(t, {"Messages": []}) == "end"
+
+
+@pytest.mark.parametrize("name", ["qa", "alpaca"])
+@pytest.mark.parametrize("system", [None, "Answer in one sentence."])
+def test_the_modelfile_template_renders_a_conversation_as_format_does(merged, name, system):
+    """Ollama passes the whole conversation (.Messages) to a TEMPLATE that ranges over it: the history is
+    rendered as format renders a multi-turn row, the last question open for the answer."""
+    from stages import export, format
+    from stages.params import TemplateParams
+
+    turns = [("user", "How do I reset it?"), ("assistant", "Hold the button."), ("user", "And then?")]
+    row = {"id": "c", "messages": [{"role": r, "content": c} for r, c in turns] + [{"role": "assistant", "content": "x"}]}
+    template = TemplateParams(name=name, system_prompt=system, train_on="last")
+    want = next(format.format_rows([row], template, merged))["prompt"]
+    record = {"params": {"template": {"name": name, "system_prompt": system}}}
+    go, shown_system, _, _ = modelfile_parts(export.modelfile(merged, record, ["f16"]))
+    messages = ([{"Role": "system", "Content": system}] if system else []) + [{"Role": r, "Content": c} for r, c in turns]
+    assert go_render(go, {"System": shown_system, "Messages": messages}) == want
 
 
 @pytest.mark.parametrize("name", ["qa", "alpaca", "chat"])
@@ -179,7 +236,9 @@ def test_the_modelfile_template_renders_a_question_as_format_does(merged, name, 
     record = {"params": {"template": {"name": name, "system_prompt": system}}}
     go, shown_system, stops, source = modelfile_parts(export.modelfile(merged, record, ["f16", "q4_k_m"]))
     assert source == "./model-q4_k_m.gguf" and shown_system == system
-    assert go_render(go, {"System": shown_system, "Prompt": row["messages"][0]["content"]}) == want
+    question = row["messages"][0]["content"]
+    values = {"System": shown_system, "Prompt": question, "Messages": [{"Role": "user", "Content": question}]}
+    assert go_render(go, values) == want
     assert "<|im_end|>" in stops  # the EOS token's text
 
 
