@@ -110,8 +110,8 @@ def main() -> None:
         return
     results = []
     for mode in a.modes.split(","):
-        args = [a for a in sys.argv[1:]]
-        proc = subprocess.run([sys.executable, __file__, *args, "--mode", mode], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode", mode], capture_output=True,
+                              text=True)
         sys.stderr.write(proc.stderr[-3000:])
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         print("\n".join(x for x in proc.stdout.splitlines() if not x.startswith("RESULT ")), flush=True)
